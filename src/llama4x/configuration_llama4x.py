@@ -1,0 +1,356 @@
+"""Configuration of the llama4x model family: text decoder, composite multimodal config, presets.
+
+Every behaviour of the model is a validated field here. Invalid values or combinations raise
+`ValueError` at construction time with a message that names the field, the value and what is accepted.
+"""
+
+import copy
+from typing import Any
+
+from huggingface_hub.dataclasses import strict
+from transformers.configuration_utils import PreTrainedConfig
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+ATTENTION_LAYER_TYPES = ("chunked_attention", "full_attention")
+QK_NORM_TYPES = ("none", "l2", "rms")
+ROUTER_SCORE_FUNCS = ("sigmoid", "softmax")
+NORM_PLACEMENTS = ("pre", "post")
+
+
+def _fail(field: str, value: Any, expected: str) -> None:
+    raise ValueError(f"Invalid `{field}`={value!r}: expected {expected}.")
+
+
+def _check_positive(config: PreTrainedConfig, *fields: str) -> None:
+    for field in fields:
+        value = getattr(config, field)
+        if value is None or value <= 0:
+            _fail(field, value, "a positive number")
+
+
+def _check_probability(config: PreTrainedConfig, *fields: str) -> None:
+    for field in fields:
+        value = getattr(config, field)
+        if not 0.0 <= value < 1.0:
+            _fail(field, value, "a probability in [0, 1)")
+
+
+def _check_layer_indices(field: str, indices: list[int], num_layers: int) -> None:
+    for index in indices:
+        if not 0 <= index < num_layers:
+            _fail(field, indices, f"layer indices in [0, {num_layers - 1}] (num_hidden_layers={num_layers})")
+    if len(set(indices)) != len(indices):
+        _fail(field, indices, "layer indices without duplicates")
+
+
+@strict
+class Llama4XTextConfig(PreTrainedConfig):
+    r"""
+    Text decoder of llama4x: an MoE decoder with interleaved RoPE / NoPE attention (iRoPE).
+
+    Attention:
+        hidden_size, num_attention_heads, num_key_value_heads (GQA), head_dim (defaults to
+        `hidden_size // num_attention_heads`), attention_bias, attention_dropout.
+        use_qk_norm: `"none"`, `"l2"` (Llama 4: weightless RMS normalisation of q and k after RoPE, on RoPE
+            layers only) or `"rms"` (Chameleon/OLMo/Qwen3: learned per-head RMSNorm of q and k before RoPE, on
+            every layer).
+        rope_parameters: transformers' RoPE dict (`rope_type` in default/linear/dynamic/yarn/llama3/... and
+            `rope_theta`), applied in Llama 4's interleaved-pair convention.
+        nope_layers: indices of the layers without positional encoding (global "NoPE" layers). Defaults to
+            every `no_rope_layer_interval`-th layer (Llama 4: layers 3, 7, 11, ...); interval 0 means none.
+        attention_chunk_size: length of the local chunks that RoPE layers attend within (None: no chunking).
+        layer_types: per layer `"chunked_attention"` or `"full_attention"`. Defaults to chunked attention on
+            RoPE layers when `attention_chunk_size` is set, full attention elsewhere.
+        attn_temperature_tuning, floor_scale, attn_scale: Llama 4's query scaling on NoPE layers,
+            `1 + attn_scale * log1p(floor((pos + 1) / floor_scale))`.
+        use_scalable_softmax, scalable_softmax_init: Scalable-Softmax; logits are multiplied by `s * log(n)`
+            with `s` learned per head (initialised to `scalable_softmax_init`) and `n` the number of keys the
+            query sees.
+    Feed-forward:
+        intermediate_size: SwiGLU width of the dense (non-MoE) layers.
+        moe_layers / interleave_moe_layer_step: which layers are MoE (default every step-th, Llama 4 style).
+        num_local_experts, num_experts_per_tok, moe_intermediate_size: routed experts, top-k, expert width.
+        num_shared_experts: shared experts as one SwiGLU of width `num_shared_experts * moe_intermediate_size`.
+        router_score_func: `"sigmoid"` (Llama 4, DeepSeek-V3) or `"softmax"` (Mixtral, Qwen).
+        norm_topk_prob: renormalise the chosen scores to sum to 1; routed_scaling_factor: multiply them.
+        router_weight_on_input: scale the expert input by the score (Llama 4) instead of its output.
+        output_router_logits: return per-layer router logits in the output.
+    Block:
+        norm_placement: `"pre"` (default) or `"post"` (Chameleon: norm after attention / FFN, before the residual
+            add); residual_dropout: dropout after attention and after the FFN.
+    """
+
+    model_type = "llama4x_text"
+    keys_to_ignore_at_inference = ["cache", "past_key_values"]
+    base_model_tp_plan = {
+        "layers.*.self_attn.q_proj": "colwise",
+        "layers.*.self_attn.k_proj": "colwise",
+        "layers.*.self_attn.v_proj": "colwise",
+        "layers.*.self_attn.o_proj": "rowwise",
+        # Dense layers and shared experts are plain SwiGLU MLPs; the patterns match whichever exist.
+        "layers.*.feed_forward.gate_proj": "colwise",
+        "layers.*.feed_forward.up_proj": "colwise",
+        "layers.*.feed_forward.down_proj": "rowwise",
+        "layers.*.feed_forward.shared_experts.gate_proj": "colwise",
+        "layers.*.feed_forward.shared_experts.up_proj": "colwise",
+        "layers.*.feed_forward.shared_experts.down_proj": "rowwise",
+        "layers.*.feed_forward.experts.gate_up_proj": "packed_colwise",
+        "layers.*.feed_forward.experts.down_proj": "rowwise",
+        "layers.*.feed_forward.experts": "moe_tp_experts",
+    }
+    base_model_ep_plan = {
+        "layers.*.feed_forward.experts.gate_up_proj": "grouped_gemm",
+        "layers.*.feed_forward.experts.down_proj": "grouped_gemm",
+        "layers.*.feed_forward.experts": "ep_dispatch_experts",
+    }
+    base_model_pp_plan = {
+        "embed_tokens": (["input_ids"], ["inputs_embeds"]),
+        "layers": (["hidden_states", "attention_mask"], ["hidden_states"]),
+        "norm": (["hidden_states"], ["hidden_states"]),
+    }
+
+    vocab_size: int = 202048
+    hidden_size: int = 5120
+    intermediate_size: int = 16384
+    num_hidden_layers: int = 48
+    num_attention_heads: int = 40
+    num_key_value_heads: int = 8
+    head_dim: int | None = None
+    hidden_act: str = "silu"
+    max_position_embeddings: int = 131072
+    initializer_range: float = 0.02
+    rms_norm_eps: float = 1e-5
+    use_cache: bool = True
+    pad_token_id: int | None = None
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+    tie_word_embeddings: bool = False
+    # attention
+    rope_parameters: dict | None = None
+    attention_bias: bool = False
+    attention_dropout: float = 0.0
+    use_qk_norm: str = "l2"
+    nope_layers: list[int] | None = None
+    no_rope_layer_interval: int = 4
+    attention_chunk_size: int | None = 8192
+    layer_types: list[str] | None = None
+    attn_temperature_tuning: bool = True
+    floor_scale: int = 8192
+    attn_scale: float = 0.1
+    use_scalable_softmax: bool = False
+    scalable_softmax_init: float = 0.43
+    # feed-forward / MoE
+    moe_layers: list[int] | None = None
+    interleave_moe_layer_step: int = 1
+    num_local_experts: int = 16
+    num_experts_per_tok: int = 1
+    moe_intermediate_size: int = 8192
+    num_shared_experts: int = 1
+    router_score_func: str = "sigmoid"
+    norm_topk_prob: bool = False
+    routed_scaling_factor: float = 1.0
+    router_weight_on_input: bool = True
+    output_router_logits: bool = False
+    # block
+    norm_placement: str = "pre"
+    residual_dropout: float = 0.0
+
+    def __post_init__(self, **kwargs):
+        if self.head_dim is None:
+            self.head_dim = self.hidden_size // self.num_attention_heads if self.num_attention_heads else None
+        if self.rope_parameters is None and "rope_scaling" not in kwargs and "rope_theta" not in kwargs:
+            self.rope_parameters = {"rope_type": "default", "rope_theta": 500000.0}
+        if self.nope_layers is None:
+            interval = self.no_rope_layer_interval
+            self.nope_layers = (
+                [i for i in range(self.num_hidden_layers) if (i + 1) % interval == 0] if interval > 0 else []
+            )
+        if self.layer_types is None:
+            chunked = self.attention_chunk_size is not None
+            self.layer_types = [
+                "chunked_attention" if chunked and i not in self.nope_layers else "full_attention"
+                for i in range(self.num_hidden_layers)
+            ]
+        if self.moe_layers is None:
+            step = self.interleave_moe_layer_step
+            self.moe_layers = list(range(step - 1, self.num_hidden_layers, step)) if step > 0 else []
+        super().__post_init__(**kwargs)
+        self._validate()
+
+    def _validate(self) -> None:
+        _check_positive(
+            self, "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+            "head_dim", "max_position_embeddings", "rms_norm_eps", "floor_scale", "routed_scaling_factor",
+        )  # fmt: skip
+        if self.num_attention_heads % self.num_key_value_heads != 0:
+            _fail(
+                "num_key_value_heads",
+                self.num_key_value_heads,
+                f"a divisor of num_attention_heads={self.num_attention_heads}",
+            )
+        if self.head_dim % 2 != 0:
+            _fail("head_dim", self.head_dim, "an even number (RoPE rotates pairs of dimensions)")
+        _check_probability(self, "attention_dropout", "residual_dropout")
+        if self.use_qk_norm not in QK_NORM_TYPES:
+            _fail("use_qk_norm", self.use_qk_norm, f"one of {QK_NORM_TYPES}")
+        if self.norm_placement not in NORM_PLACEMENTS:
+            _fail("norm_placement", self.norm_placement, f"one of {NORM_PLACEMENTS}")
+        if self.router_score_func not in ROUTER_SCORE_FUNCS:
+            _fail("router_score_func", self.router_score_func, f"one of {ROUTER_SCORE_FUNCS}")
+        if self.no_rope_layer_interval < 0:
+            _fail("no_rope_layer_interval", self.no_rope_layer_interval, "0 (no NoPE layers) or a positive interval")
+        if self.interleave_moe_layer_step < 0:
+            _fail("interleave_moe_layer_step", self.interleave_moe_layer_step, "0 (no MoE layers) or a positive step")
+        if self.attention_chunk_size is not None and self.attention_chunk_size <= 0:
+            _fail("attention_chunk_size", self.attention_chunk_size, "a positive number of tokens or None")
+        self._validate_layer_types()
+        self._validate_rope()
+        _check_layer_indices("nope_layers", self.nope_layers, self.num_hidden_layers)
+        _check_layer_indices("moe_layers", self.moe_layers, self.num_hidden_layers)
+        if self.moe_layers:
+            _check_positive(self, "num_local_experts", "moe_intermediate_size")
+            if not 1 <= self.num_experts_per_tok <= self.num_local_experts:
+                _fail(
+                    "num_experts_per_tok",
+                    self.num_experts_per_tok,
+                    f"a top-k between 1 and num_local_experts={self.num_local_experts}",
+                )
+            if self.num_shared_experts < 0:
+                _fail("num_shared_experts", self.num_shared_experts, "a count >= 0")
+        if len(self.moe_layers) < self.num_hidden_layers:
+            _check_positive(self, "intermediate_size")
+        if self.use_scalable_softmax and self.scalable_softmax_init <= 0:
+            _fail("scalable_softmax_init", self.scalable_softmax_init, "a positive initial scale")
+
+    def _validate_layer_types(self) -> None:
+        if len(self.layer_types) != self.num_hidden_layers:
+            _fail("layer_types", self.layer_types, f"one entry per layer (num_hidden_layers={self.num_hidden_layers})")
+        for layer_type in self.layer_types:
+            if layer_type not in ATTENTION_LAYER_TYPES:
+                _fail("layer_types", layer_type, f"entries in {ATTENTION_LAYER_TYPES}")
+        if "chunked_attention" in self.layer_types and self.attention_chunk_size is None:
+            _fail("attention_chunk_size", None, "a chunk size, since `layer_types` contains 'chunked_attention'")
+
+    def _validate_rope(self) -> None:
+        rope_type = self.rope_parameters.get("rope_type", "default")
+        if rope_type != "default" and rope_type not in ROPE_INIT_FUNCTIONS:
+            _fail("rope_parameters['rope_type']", rope_type, f"'default' or one of {sorted(ROPE_INIT_FUNCTIONS)}")
+        theta = self.rope_parameters.get("rope_theta")
+        if theta is None or theta <= 0:
+            _fail("rope_parameters['rope_theta']", theta, "a positive base")
+
+    @property
+    def num_experts(self) -> int:
+        return self.num_local_experts
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> "Llama4XTextConfig":
+        """The text config of a named preset (`"tiny"`, `"scout"`, `"maverick"`), with fields overridden."""
+        if name not in TEXT_PRESETS:
+            raise ValueError(f"Unknown preset {name!r}: expected one of {sorted(TEXT_PRESETS)}.")
+        return cls(**{**copy.deepcopy(TEXT_PRESETS[name]), **overrides})
+
+
+@strict
+class Llama4XConfig(PreTrainedConfig):
+    r"""
+    Composite llama4x config: the text decoder (`text_config`) and the vision front-end (`vision_config`, added by
+    the multimodal model; None for a text-only model).
+    """
+
+    model_type = "llama4x"
+    sub_configs = {"text_config": Llama4XTextConfig}
+
+    text_config: dict | PreTrainedConfig | None = None
+    vision_config: dict | PreTrainedConfig | None = None
+    tie_word_embeddings: bool = False
+
+    def __post_init__(self, **kwargs):
+        if self.text_config is None:
+            self.text_config = Llama4XTextConfig()
+        elif isinstance(self.text_config, dict):
+            self.text_config = Llama4XTextConfig(**self.text_config)
+        elif not isinstance(self.text_config, Llama4XTextConfig):
+            _fail("text_config", type(self.text_config).__name__, "a Llama4XTextConfig or a dict of its fields")
+        super().__post_init__(**kwargs)
+
+    @classmethod
+    def from_preset(cls, name: str, **text_overrides: Any) -> "Llama4XConfig":
+        """The composite config of a named preset; keyword arguments override text-config fields."""
+        return cls(text_config=Llama4XTextConfig.from_preset(name, **text_overrides))
+
+
+_LLAMA4_SHARED: dict[str, Any] = {
+    "vocab_size": 202048,
+    "hidden_size": 5120,
+    "num_hidden_layers": 48,
+    "num_attention_heads": 40,
+    "num_key_value_heads": 8,
+    "head_dim": 128,
+    "intermediate_size": 16384,
+    "moe_intermediate_size": 8192,
+    "num_experts_per_tok": 1,
+    "num_shared_experts": 1,
+    "router_score_func": "sigmoid",
+    "router_weight_on_input": True,
+    "no_rope_layer_interval": 4,
+    "attention_chunk_size": 8192,
+    "attn_temperature_tuning": True,
+    "floor_scale": 8192,
+    "attn_scale": 0.1,
+    "rms_norm_eps": 1e-5,
+    "bos_token_id": 200000,
+    "eos_token_id": [200001, 200007, 200008],
+    "pad_token_id": 200018,
+}
+
+TEXT_PRESETS: dict[str, dict[str, Any]] = {
+    # Llama 4 Scout (17B active, 16 experts): every layer MoE, QK-norm, llama3-scaled RoPE for a 10M context.
+    "scout": {
+        **_LLAMA4_SHARED,
+        "num_local_experts": 16,
+        "interleave_moe_layer_step": 1,
+        "use_qk_norm": "l2",
+        "max_position_embeddings": 10485760,
+        "rope_parameters": {
+            "rope_type": "llama3",
+            "rope_theta": 500000.0,
+            "factor": 16.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 1.0,
+            "original_max_position_embeddings": 8192,
+        },
+    },
+    # Llama 4 Maverick (17B active, 128 experts): MoE on every other layer, no QK-norm, plain RoPE.
+    "maverick": {
+        **_LLAMA4_SHARED,
+        "num_local_experts": 128,
+        "interleave_moe_layer_step": 2,
+        "use_qk_norm": "none",
+        "max_position_embeddings": 1048576,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 500000.0},
+    },
+    # A few-million-parameter model with every feature of the family, for tests, demos and benchmarks on a CPU.
+    "tiny": {
+        "vocab_size": 4096,
+        "hidden_size": 128,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 32,
+        "intermediate_size": 256,
+        "moe_intermediate_size": 128,
+        "num_local_experts": 16,
+        "num_experts_per_tok": 1,
+        "num_shared_experts": 1,
+        "interleave_moe_layer_step": 1,
+        "no_rope_layer_interval": 2,
+        "attention_chunk_size": 64,
+        "attn_temperature_tuning": True,
+        "floor_scale": 32,
+        "attn_scale": 0.1,
+        "use_qk_norm": "l2",
+        "max_position_embeddings": 4096,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0},
+    },
+}

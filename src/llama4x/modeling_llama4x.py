@@ -1,0 +1,404 @@
+"""llama4x text decoder: iRoPE attention (chunked RoPE layers + global NoPE layers), MoE / dense FFNs, LM head.
+
+Shapes: B batch, S query length, L key length, nH query heads, nKV key/value heads, D head_dim, H hidden size.
+"""
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import initialization as init
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.generation import GenerationMixin
+from transformers.masking_utils import create_causal_mask, create_chunked_causal_mask
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
+from transformers.processing_utils import Unpack
+from transformers.utils import TransformersKwargs, logging
+from transformers.utils.generic import merge_with_config_defaults
+from transformers.utils.output_capturing import OutputRecorder, capture_outputs
+
+from ._compat import CACHE_FIELD
+from .configuration_llama4x import Llama4XTextConfig
+from .moe import Llama4XExperts, Llama4XMLP, Llama4XMoE
+
+logger = logging.get_logger(__name__)
+
+
+class Llama4XRMSNorm(nn.Module):
+    """RMSNorm computed in float32; without `weight` it is Llama 4's weightless QK "L2" norm."""
+
+    def __init__(self, dim: int, eps: float, elementwise_affine: bool = True):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim)) if elementwise_affine else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        out = (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x)
+        return out * self.weight if self.weight is not None else out
+
+
+class Llama4XRotaryEmbedding(nn.Module):
+    """RoPE frequencies from transformers' `ROPE_INIT_FUNCTIONS`, returned as `(cos, sin)` of shape (B, S, D)
+    in Llama 4's interleaved-pair layout (dimensions 2i and 2i+1 share a frequency)."""
+
+    def __init__(self, config: Llama4XTextConfig):
+        super().__init__()
+        self.config = config
+        self.max_seq_len_cached = config.max_position_embeddings
+        self.original_max_seq_len = config.max_position_embeddings
+        self.rope_type = config.rope_parameters.get("rope_type", "default")
+        rope_init_fn = self.compute_default_rope_parameters
+        if self.rope_type != "default":
+            rope_init_fn = ROPE_INIT_FUNCTIONS[self.rope_type]
+        inv_freq, self.attention_scaling = rope_init_fn(config)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.register_buffer("original_inv_freq", inv_freq.clone(), persistent=False)
+
+    @staticmethod
+    def compute_default_rope_parameters(config: Llama4XTextConfig, *args, **kwargs) -> tuple[torch.Tensor, float]:
+        dim = config.head_dim
+        inv_freq = 1.0 / (config.rope_parameters["rope_theta"] ** (torch.arange(0, dim, 2, dtype=torch.float) / dim))
+        return inv_freq, 1.0
+
+    @torch.no_grad()
+    @dynamic_rope_update
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = position_ids[..., None].float() * self.inv_freq.to(x.device, torch.float)  # (B, S, D/2)
+        freqs = freqs.repeat_interleave(2, dim=-1)  # (B, S, D)
+        return freqs.cos() * self.attention_scaling, freqs.sin() * self.attention_scaling
+
+
+def rotate_pairs(x: torch.Tensor) -> torch.Tensor:
+    """(x0, x1, x2, x3, ...) -> (-x1, x0, -x3, x2, ...): multiplication by i on interleaved complex pairs."""
+    pairs = x.unflatten(-1, (-1, 2))
+    return torch.stack((-pairs[..., 1], pairs[..., 0]), dim=-1).flatten(-2)
+
+
+def apply_interleaved_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate `x (B, S, heads, D)` by `cos, sin (B, S, D)`, in float32 like Llama 4."""
+    cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
+    x32 = x.float()
+    return (x32 * cos + rotate_pairs(x32) * sin).type_as(x)
+
+
+def keys_seen(position_ids: torch.Tensor, chunk_size: int | None) -> torch.Tensor:
+    """Number of keys each query attends to (itself included): position + 1, or its offset in its chunk + 1."""
+    return (position_ids % chunk_size if chunk_size is not None else position_ids) + 1
+
+
+def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
+    """(B, nKV, L, D) -> (B, nKV * n_rep, L, D)."""
+    return x if n_rep == 1 else x.repeat_interleave(n_rep, dim=1)
+
+
+def eager_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference attention: `query (B, nH, S, D)`, `key/value (B, nKV, L, D)` -> `(B, S, nH, D)`, weights."""
+    key = repeat_kv(key, module.num_key_value_groups)
+    value = repeat_kv(value, module.num_key_value_groups)
+    attn_weights = torch.matmul(query, key.transpose(2, 3)) * scaling  # (B, nH, S, L)
+    if attention_mask is not None:
+        attn_weights = attn_weights + attention_mask[:, :, :, : key.shape[-2]]
+    attn_weights = F.softmax(attn_weights, dim=-1, dtype=torch.float32).to(query.dtype)
+    attn_weights = F.dropout(attn_weights, p=dropout, training=module.training)
+    attn_output = torch.matmul(attn_weights, value).transpose(1, 2).contiguous()
+    return attn_output, attn_weights
+
+
+class Llama4XAttention(nn.Module):
+    """GQA self-attention with RoPE (chunked layers) or NoPE (global layers), QK-norm, Llama 4's temperature
+    tuning and Scalable-Softmax, dispatched through `ALL_ATTENTION_FUNCTIONS`."""
+
+    def __init__(self, config: Llama4XTextConfig, layer_idx: int):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.head_dim = config.head_dim
+        self.num_heads = config.num_attention_heads
+        self.num_key_value_groups = config.num_attention_heads // config.num_key_value_heads
+        self.scaling = self.head_dim**-0.5
+        self.attention_dropout = config.attention_dropout
+        self.is_causal = True
+        self.use_rope = layer_idx not in config.nope_layers
+        self.chunk_size = config.attention_chunk_size if config.layer_types[layer_idx] == "chunked_attention" else None
+        bias = config.attention_bias
+        self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(config.hidden_size, config.num_key_value_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(config.hidden_size, config.num_key_value_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=bias)
+        if config.use_qk_norm == "rms":
+            self.q_norm = Llama4XRMSNorm(self.head_dim, config.rms_norm_eps)
+            self.k_norm = Llama4XRMSNorm(self.head_dim, config.rms_norm_eps)
+        elif config.use_qk_norm == "l2" and self.use_rope:
+            self.qk_norm = Llama4XRMSNorm(self.head_dim, config.rms_norm_eps, elementwise_affine=False)
+        if config.use_scalable_softmax:
+            self.ssmax_scale = nn.Parameter(torch.full((self.num_heads,), config.scalable_softmax_init))
+
+    def query_scale(self, position_ids: torch.Tensor) -> torch.Tensor | None:
+        """Per-query (and per-head for SSMax) multiplier of the attention logits, `(B, S, nH or 1, 1)`, or None."""
+        scale = None
+        if self.config.attn_temperature_tuning and not self.use_rope:
+            floor = torch.floor((position_ids.float() + 1.0) / self.config.floor_scale)
+            scale = (1.0 + self.config.attn_scale * torch.log1p(floor))[..., None, None]
+        if self.config.use_scalable_softmax:
+            log_n = torch.log(keys_seen(position_ids, self.chunk_size).float())[..., None, None]
+            ssmax = self.ssmax_scale.float()[:, None] * log_n  # (B, S, nH, 1)
+            scale = ssmax if scale is None else scale * ssmax
+        return scale
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        position_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        cache: Cache | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        input_shape = hidden_states.shape[:-1]  # (B, S)
+        query = self.q_proj(hidden_states).view(*input_shape, -1, self.head_dim)  # (B, S, nH, D)
+        key = self.k_proj(hidden_states).view(*input_shape, -1, self.head_dim)  # (B, S, nKV, D)
+        value = self.v_proj(hidden_states).view(*input_shape, -1, self.head_dim).transpose(1, 2)  # (B, nKV, S, D)
+
+        if hasattr(self, "q_norm"):
+            query, key = self.q_norm(query), self.k_norm(key)
+        if self.use_rope:
+            cos, sin = position_embeddings
+            query, key = apply_interleaved_rope(query, cos, sin), apply_interleaved_rope(key, cos, sin)
+        if hasattr(self, "qk_norm"):  # Llama 4 normalises after RoPE
+            query, key = self.qk_norm(query), self.qk_norm(key)
+        if (scale := self.query_scale(position_ids)) is not None:
+            query = (query * scale).to(query.dtype)
+
+        query, key = query.transpose(1, 2), key.transpose(1, 2)  # (B, nH, S, D), (B, nKV, S, D)
+        if cache is not None:
+            key, value = cache.update(key, value, self.layer_idx)
+
+        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        attn_output, attn_weights = attention_interface(
+            self,
+            query,
+            key,
+            value,
+            attention_mask,
+            dropout=self.attention_dropout if self.training else 0.0,
+            scaling=self.scaling,
+            **kwargs,
+        )
+        attn_output = attn_output.reshape(*input_shape, -1).contiguous()  # (B, S, nH * D)
+        return self.o_proj(attn_output), attn_weights
+
+
+class Llama4XDecoderLayer(GradientCheckpointingLayer):
+    """Attention + FFN (MoE or dense SwiGLU), pre-norm or Chameleon's post-norm, optional residual dropout."""
+
+    def __init__(self, config: Llama4XTextConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.pre_norm = config.norm_placement == "pre"
+        self.self_attn = Llama4XAttention(config, layer_idx)
+        self.is_moe_layer = layer_idx in config.moe_layers
+        if self.is_moe_layer:
+            self.feed_forward = Llama4XMoE(config)
+        else:
+            self.feed_forward = Llama4XMLP(config, config.intermediate_size)
+        self.input_layernorm = Llama4XRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = Llama4XRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.residual_dropout = nn.Dropout(config.residual_dropout)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        position_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        cache: Cache | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> torch.Tensor:
+        attn_in = self.input_layernorm(hidden_states) if self.pre_norm else hidden_states
+        attn_out, _ = self.self_attn(attn_in, position_embeddings, position_ids, attention_mask, cache, **kwargs)
+        if not self.pre_norm:
+            attn_out = self.input_layernorm(attn_out)
+        hidden_states = hidden_states + self.residual_dropout(attn_out)
+
+        ffn_in = self.post_attention_layernorm(hidden_states) if self.pre_norm else hidden_states
+        ffn_out = self.feed_forward(ffn_in)
+        if self.is_moe_layer:
+            ffn_out, _ = ffn_out
+        if not self.pre_norm:
+            ffn_out = self.post_attention_layernorm(ffn_out)
+        return hidden_states + self.residual_dropout(ffn_out)
+
+
+class Llama4XPreTrainedModel(PreTrainedModel):
+    config_class = Llama4XTextConfig
+    config: Llama4XTextConfig
+    base_model_prefix = "model"
+    input_modalities = ("text",)
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["Llama4XDecoderLayer"]
+    _skip_keys_device_placement = ["cache", "past_key_values"]
+    _supports_sdpa = True
+    _supports_flex_attn = True
+    _supports_flash_attn = False  # chunked attention needs a mask flash-attn cannot express
+    _supports_attention_backend = True
+    _can_record_outputs = {
+        "hidden_states": Llama4XDecoderLayer,
+        "attentions": Llama4XAttention,
+        "router_logits": OutputRecorder(Llama4XMoE, index=1),
+    }
+
+    @classmethod
+    def _can_set_experts_implementation(cls) -> bool:
+        # transformers looks for `@use_experts_implementation` in the model's own file; ours is in moe.py.
+        return True
+
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        std = self.config.initializer_range
+        if isinstance(module, Llama4XExperts):
+            init.normal_(module.gate_up_proj, mean=0.0, std=std)
+            init.normal_(module.down_proj, mean=0.0, std=std)
+        elif isinstance(module, Llama4XAttention) and hasattr(module, "ssmax_scale"):
+            init.constant_(module.ssmax_scale, self.config.scalable_softmax_init)
+
+    def get_compiled_call(self, compile_config):
+        # transformers returns the uncompiled call for every model_type containing "llama4" (which "llama4x" does);
+        # llama4x's attention and MoE compile, so compiled decoding with a static cache stays available.
+        compile_config = compile_config or self._default_compile_config()
+        if getattr(self, "_llama4x_compile_config", None) != compile_config:
+            self._llama4x_compile_config = compile_config
+            self._compiled_call = torch.compile(self.__call__, **compile_config.to_dict())
+        return self._compiled_call
+
+
+class Llama4XTextModel(Llama4XPreTrainedModel):
+    """Token embeddings, decoder layers and the final norm."""
+
+    def __init__(self, config: Llama4XTextConfig):
+        super().__init__(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
+        self.layers = nn.ModuleList(Llama4XDecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = Llama4XRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rotary_emb = Llama4XRotaryEmbedding(config)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    @merge_with_config_defaults
+    @capture_outputs
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        past_key_values: Cache | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> MoeModelOutputWithPast:
+        """Decoder forward. `cache` (`past_key_values` before transformers 5.24) holds the keys and values of
+        earlier steps; chunked layers keep at most one chunk of them."""
+        cache = cache if cache is not None else past_key_values
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of `input_ids` and `inputs_embeds`.")
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)  # (B, S, H)
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
+        if position_ids is None:
+            past_seen = cache.get_seq_length() if cache is not None else 0
+            position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen
+            position_ids = position_ids.unsqueeze(0)  # (1, S)
+
+        masks = attention_mask
+        if not isinstance(masks, dict):  # `generate` may have prepared them already
+            mask_args = (self.config, inputs_embeds, attention_mask, cache)
+            makers = {"full_attention": create_causal_mask, "chunked_attention": create_chunked_causal_mask}
+            masks = {
+                kind: makers[kind](*mask_args, position_ids=position_ids) for kind in set(self.config.layer_types)
+            }
+
+        hidden_states = inputs_embeds
+        position_embeddings = self.rotary_emb(hidden_states, position_ids)
+        for layer, layer_type in zip(self.layers, self.config.layer_types):
+            hidden_states = layer(
+                hidden_states,
+                position_embeddings,
+                position_ids,
+                attention_mask=masks[layer_type],
+                cache=cache,
+                **kwargs,
+            )
+        hidden_states = self.norm(hidden_states)
+        return MoeModelOutputWithPast(last_hidden_state=hidden_states, **{CACHE_FIELD: cache if use_cache else None})
+
+
+class Llama4XForCausalLM(Llama4XPreTrainedModel, GenerationMixin):
+    """The text decoder with a language-modelling head."""
+
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+    _tp_plan = {"lm_head": "colwise_gather_output"}
+    _pp_plan = {"lm_head": (["hidden_states"], ["logits"])}
+
+    def __init__(self, config: Llama4XTextConfig):
+        super().__init__(config)
+        self.model = Llama4XTextModel(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        past_key_values: Cache | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> MoeCausalLMOutputWithPast:
+        """`labels (B, S)` are the input ids (shifted inside; -100 ignored); `logits_to_keep` keeps the last N
+        positions' logits (0: all)."""
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache if cache is not None else past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            **kwargs,
+        )
+        hidden_states = outputs.last_hidden_state
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden_states[:, keep, :])  # (B, S_kept, V)
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        return MoeCausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            router_logits=getattr(outputs, "router_logits", None),
+            **{CACHE_FIELD: getattr(outputs, CACHE_FIELD)},
+        )

@@ -1,0 +1,130 @@
+"""Mixture-of-experts block: router, routed experts, shared experts.
+
+Shape legend
+    T  tokens in the batch (batch * sequence, flattened)
+    H  hidden size
+    E  routed experts
+    K  experts per token (top-k)
+    I  expert intermediate size
+
+Forward of `Llama4XMoE`, step by step:
+    1. router logits `x_TH @ W_r^T -> logits_TE`, in float32 (bf16 ties flip the top-k choice);
+    2. scores `sigmoid` or `softmax` of the logits; top-k selection -> `topk_index_TK`, `topk_weight_TK`
+       (optionally renormalised and scaled);
+    3. routed experts on the selected (token, expert) pairs only, through transformers' experts interface
+       (`grouped_mm` sorts the pairs by expert and runs one grouped GEMM per projection);
+       Llama 4 scales each expert's *input* by its weight, other models the output;
+    4. `out = shared_experts(x) + sum_k routed_k`.
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.activations import ACT2FN
+from transformers.integrations import use_experts_implementation
+
+from .configuration_llama4x import Llama4XTextConfig
+
+
+class Llama4XMLP(nn.Module):
+    """SwiGLU feed-forward: dense layers and shared experts."""
+
+    def __init__(self, config: Llama4XTextConfig, intermediate_size: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, config.hidden_size, bias=False)
+        self.act_fn = ACT2FN[config.hidden_act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+@use_experts_implementation
+class Llama4XExperts(nn.Module):
+    """Routed experts as stacked weights: `gate_up_proj (E, 2I, H)` ([gate; up]) and `down_proj (E, H, I)`.
+
+    `forward` here is the eager reference (a loop over the experts that received tokens); the decorator
+    dispatches to the implementation named by `config._experts_implementation` (`grouped_mm`, `batched_mm`, ...).
+    """
+
+    def __init__(self, config: Llama4XTextConfig):
+        super().__init__()
+        self.num_experts = config.num_local_experts
+        self.hidden_dim = config.hidden_size
+        self.intermediate_dim = config.moe_intermediate_size
+        self.gate_up_proj = nn.Parameter(torch.empty(self.num_experts, 2 * self.intermediate_dim, self.hidden_dim))
+        self.down_proj = nn.Parameter(torch.empty(self.num_experts, self.hidden_dim, self.intermediate_dim))
+        self.act_fn = ACT2FN[config.hidden_act]
+
+    def forward(
+        self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+    ) -> torch.Tensor:
+        """`hidden_states (T, H)`, `top_k_index (T, K)`, `top_k_weights (T, K)` -> weighted expert sum `(T, H)`."""
+        out_TH = torch.zeros_like(hidden_states)
+        for expert in top_k_index.unique().tolist():
+            token_idx, k_idx = torch.where(top_k_index == expert)
+            gate, up = F.linear(hidden_states[token_idx], self.gate_up_proj[expert]).chunk(2, dim=-1)
+            expert_out = F.linear(self.act_fn(gate) * up, self.down_proj[expert])
+            out_TH.index_add_(0, token_idx, (expert_out * top_k_weights[token_idx, k_idx, None]).to(out_TH.dtype))
+        return out_TH
+
+
+@dataclass
+class Routing:
+    """The router's decision for T tokens."""
+
+    logits: torch.Tensor  # (T, E) float32
+    scores: torch.Tensor  # (T, E) float32, sigmoid or softmax of the logits
+    topk_index: torch.Tensor  # (T, K) chosen experts
+    topk_weight: torch.Tensor  # (T, K) combine weights, float32
+
+
+def route(logits_TE: torch.Tensor, config: Llama4XTextConfig) -> Routing:
+    """Scores, top-k choice and combine weights from float32 router logits."""
+    if config.router_score_func == "sigmoid":
+        scores_TE = torch.sigmoid(logits_TE)
+    else:
+        scores_TE = torch.softmax(logits_TE, dim=-1)
+    # Both score functions are monotone per token, so selecting on the logits picks the same experts and
+    # avoids ties that float32 sigmoid saturation would create.
+    topk_index_TK = torch.topk(logits_TE, config.num_experts_per_tok, dim=-1).indices
+    topk_weight_TK = scores_TE.gather(-1, topk_index_TK)
+    if config.norm_topk_prob:
+        topk_weight_TK = topk_weight_TK / topk_weight_TK.sum(dim=-1, keepdim=True).clamp_min(1e-20)
+    topk_weight_TK = topk_weight_TK * config.routed_scaling_factor
+    return Routing(logits_TE, scores_TE, topk_index_TK, topk_weight_TK)
+
+
+class Llama4XMoE(nn.Module):
+    """Shared experts plus top-k routed experts. Returns `(out (B, S, H), router_logits (T, E))`."""
+
+    def __init__(self, config: Llama4XTextConfig):
+        super().__init__()
+        self.config = config
+        self.router = nn.Linear(config.hidden_size, config.num_local_experts, bias=False)
+        self.experts = Llama4XExperts(config)
+        shared_size = config.num_shared_experts * config.moe_intermediate_size
+        self.shared_experts = Llama4XMLP(config, shared_size) if shared_size > 0 else None
+
+    def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x_TH = hidden_states.reshape(-1, hidden_states.shape[-1])
+        logits_TE = F.linear(x_TH.float(), self.router.weight.float())
+        routing = route(logits_TE, self.config)
+        routed_TH = self._run_experts(x_TH, routing)
+        if self.shared_experts is not None:
+            routed_TH = routed_TH + self.shared_experts(x_TH)
+        return routed_TH.view_as(hidden_states), logits_TE
+
+    def _run_experts(self, x_TH: torch.Tensor, routing: Routing) -> torch.Tensor:
+        weight_TK = routing.topk_weight.to(x_TH.dtype)
+        if not self.config.router_weight_on_input:
+            return self.experts(x_TH, routing.topk_index, weight_TK)
+        # Llama 4 scales the expert input: each (token, expert) pair becomes its own row with weight 1.
+        T, K = routing.topk_index.shape
+        pairs_SH = x_TH.repeat_interleave(K, dim=0) * weight_TK.reshape(-1, 1)
+        ones_S1 = torch.ones(T * K, 1, dtype=x_TH.dtype, device=x_TH.device)
+        out_SH = self.experts(pairs_SH, routing.topk_index.reshape(-1, 1), ones_S1)
+        return out_SH.view(T, K, -1).sum(dim=1)
