@@ -1,0 +1,45 @@
+"""The one helper that builds tiny random llama4x configs and models for every test file."""
+
+import torch
+
+from llama4x import Llama4XForCausalLM, Llama4XTextConfig
+
+
+def tiny_text_config(**overrides) -> Llama4XTextConfig:
+    """4 layers (RoPE+chunked / NoPE alternating), hidden 32, 4 heads / 2 kv heads, 8 experts top-2, chunk 8."""
+    fields = {
+        "vocab_size": 97,
+        "hidden_size": 32,
+        "intermediate_size": 48,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 8,
+        "num_local_experts": 8,
+        "num_experts_per_tok": 2,
+        "moe_intermediate_size": 16,
+        "num_shared_experts": 1,
+        "no_rope_layer_interval": 2,
+        "attention_chunk_size": 8,
+        "floor_scale": 4,
+        "attn_scale": 0.5,
+        "max_position_embeddings": 256,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0},
+        "pad_token_id": 0,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+    }
+    fields.update(overrides)
+    return Llama4XTextConfig(**fields)
+
+
+def tiny_model(seed: int = 0, dtype: torch.dtype = torch.float32, **overrides) -> Llama4XForCausalLM:
+    """A tiny random `Llama4XForCausalLM` in eval mode; weights drawn with a fixed seed."""
+    torch.manual_seed(seed)
+    return Llama4XForCausalLM(tiny_text_config(**overrides)).to(dtype).eval()
+
+
+def random_ids(batch: int, length: int, vocab: int = 97, seed: int = 0) -> torch.Tensor:
+    """Token ids in [3, vocab): never pad/bos/eos."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(3, vocab, (batch, length), generator=generator)
