@@ -150,7 +150,7 @@ def test_post_norm_places_the_norms_after_attention_and_ffn():
         cos_sin = post.model.rotary_emb(hidden, torch.arange(10)[None])
         masks = {"chunked_attention": None}
         layer.self_attn.config._attn_implementation = "sdpa"
-        out = layer(hidden, cos_sin, torch.arange(10)[None], attention_mask=masks["chunked_attention"])
+        out, _, _ = layer(hidden, cos_sin, torch.arange(10)[None], attention_mask=masks["chunked_attention"])
         attn, _ = layer.self_attn(hidden, cos_sin, torch.arange(10)[None], None)
         after_attn = hidden + layer.input_layernorm(attn)
         expected = after_attn + layer.post_attention_layernorm(layer.feed_forward(after_attn)[0])

@@ -15,6 +15,7 @@ ATTENTION_LAYER_TYPES = ("chunked_attention", "full_attention")
 QK_NORM_TYPES = ("none", "l2", "rms")
 ROUTER_SCORE_FUNCS = ("sigmoid", "softmax")
 NORM_PLACEMENTS = ("pre", "post")
+AUX_LOSS_TYPES = ("global", "sequence")
 
 
 def _fail(field: str, value: Any, expected: str) -> None:
@@ -74,7 +75,16 @@ class Llama4XTextConfig(PreTrainedConfig):
         router_score_func: `"sigmoid"` (Llama 4, DeepSeek-V3) or `"softmax"` (Mixtral, Qwen).
         norm_topk_prob: renormalise the chosen scores to sum to 1; routed_scaling_factor: multiply them.
         router_weight_on_input: scale the expert input by the score (Llama 4) instead of its output.
-        output_router_logits: return per-layer router logits in the output.
+        output_router_logits: return per-layer router logits, expert loads and balancing losses in the output.
+    Load balancing (each a switch; they combine):
+        router_aux_loss_coef, router_aux_loss_type: Switch/GShard loss `E * sum_i f_i * P_i` over the batch
+            (`"global"`) or per sequence and averaged (`"sequence"`, DeepSeek-V3's complementary loss).
+        router_z_loss_coef: coefficient of the router z-loss `mean(logsumexp(logits)^2)`.
+        router_bias_update_rate: DeepSeek-V3's auxiliary-loss-free balancing; a per-expert bias added to the
+            scores for selection only, updated after each optimizer step by `rate * sign(mean_load - load_i)`.
+        n_group, topk_group: group-limited routing; experts form `n_group` groups and only the `topk_group`
+            groups with the highest sum of their top-(k / topk_group) scores are eligible.
+        router_jitter_noise: multiplicative uniform noise on the router input in training (Switch).
     Block:
         norm_placement: `"pre"` (default) or `"post"` (Chameleon: norm after attention / FFN, before the residual
             add); residual_dropout: dropout after attention and after the FFN.
@@ -151,6 +161,14 @@ class Llama4XTextConfig(PreTrainedConfig):
     routed_scaling_factor: float = 1.0
     router_weight_on_input: bool = True
     output_router_logits: bool = False
+    # load balancing
+    router_aux_loss_coef: float = 0.0
+    router_aux_loss_type: str = "global"
+    router_z_loss_coef: float = 0.0
+    router_bias_update_rate: float = 0.0
+    n_group: int = 1
+    topk_group: int = 1
+    router_jitter_noise: float = 0.0
     # block
     norm_placement: str = "pre"
     residual_dropout: float = 0.0
@@ -217,10 +235,30 @@ class Llama4XTextConfig(PreTrainedConfig):
                 )
             if self.num_shared_experts < 0:
                 _fail("num_shared_experts", self.num_shared_experts, "a count >= 0")
+            self._validate_balancing()
         if len(self.moe_layers) < self.num_hidden_layers:
             _check_positive(self, "intermediate_size")
         if self.use_scalable_softmax and self.scalable_softmax_init <= 0:
             _fail("scalable_softmax_init", self.scalable_softmax_init, "a positive initial scale")
+
+    def _validate_balancing(self) -> None:
+        for field in ("router_aux_loss_coef", "router_z_loss_coef", "router_bias_update_rate"):
+            if getattr(self, field) < 0:
+                _fail(field, getattr(self, field), "a coefficient >= 0")
+        if self.router_aux_loss_type not in AUX_LOSS_TYPES:
+            _fail("router_aux_loss_type", self.router_aux_loss_type, f"one of {AUX_LOSS_TYPES}")
+        _check_probability(self, "router_jitter_noise")
+        num_experts, n_group, k = self.num_local_experts, self.n_group, self.num_experts_per_tok
+        if n_group < 1 or num_experts % n_group != 0:
+            _fail("n_group", n_group, f"a divisor of num_local_experts={num_experts}")
+        if not 1 <= self.topk_group <= n_group:
+            _fail("topk_group", self.topk_group, f"a number of groups between 1 and n_group={n_group}")
+        if n_group > 1 and (k % self.topk_group != 0 or k // self.topk_group > num_experts // n_group):
+            _fail(
+                "topk_group",
+                self.topk_group,
+                f"a divisor of num_experts_per_tok={k} leaving at most {num_experts // n_group} experts per group",
+            )
 
     def _validate_layer_types(self) -> None:
         if len(self.layer_types) != self.num_hidden_layers:

@@ -3,8 +3,8 @@
 Shapes: B batch, S query length, L key length, nH query heads, nKV key/value heads, D head_dim, H hidden size.
 """
 
-import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -20,13 +20,40 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
 from transformers.processing_utils import Unpack
 from transformers.utils import TransformersKwargs, logging
 from transformers.utils.generic import merge_with_config_defaults
-from transformers.utils.output_capturing import OutputRecorder, capture_outputs
+from transformers.utils.output_capturing import capture_outputs
 
 from ._compat import CACHE_FIELD
+from .balancing import (
+    all_reduce_load,
+    balancing_losses,
+    expert_load,
+    schedule_bias_update,
+    token_mask_from_attention_mask,
+    update_balancing_bias,
+)
 from .configuration_llama4x import Llama4XTextConfig
 from .moe import Llama4XExperts, Llama4XMLP, Llama4XMoE
 
 logger = logging.get_logger(__name__)
+
+
+@dataclass
+class Llama4XModelOutput(MoeModelOutputWithPast):
+    """Decoder output. With `output_router_logits`: `router_logits` per MoE layer `(T, E)`, `expert_load`
+    `(num_moe_layers, E)` tokens per expert (padding excluded), and the unweighted balancing losses `aux_loss`
+    (Switch/GShard) and `z_loss`, which are also computed whenever their coefficient is non-zero."""
+
+    aux_loss: torch.Tensor | None = None
+    z_loss: torch.Tensor | None = None
+    expert_load: torch.Tensor | None = None
+
+
+@dataclass
+class Llama4XCausalLMOutput(MoeCausalLMOutputWithPast):
+    """`loss` = LM loss + `router_aux_loss_coef * aux_loss + router_z_loss_coef * z_loss` when labels are given."""
+
+    z_loss: torch.Tensor | None = None
+    expert_load: torch.Tensor | None = None
 
 
 class Llama4XRMSNorm(nn.Module):
@@ -230,7 +257,8 @@ class Llama4XDecoderLayer(GradientCheckpointingLayer):
         attention_mask: torch.Tensor | None = None,
         cache: Cache | None = None,
         **kwargs: Unpack[TransformersKwargs],
-    ) -> torch.Tensor:
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """Returns `(hidden_states (B, S, H), router_logits (T, E), topk_index (T, K))`, routing None if dense."""
         attn_in = self.input_layernorm(hidden_states) if self.pre_norm else hidden_states
         attn_out, _ = self.self_attn(attn_in, position_embeddings, position_ids, attention_mask, cache, **kwargs)
         if not self.pre_norm:
@@ -238,12 +266,14 @@ class Llama4XDecoderLayer(GradientCheckpointingLayer):
         hidden_states = hidden_states + self.residual_dropout(attn_out)
 
         ffn_in = self.post_attention_layernorm(hidden_states) if self.pre_norm else hidden_states
-        ffn_out = self.feed_forward(ffn_in)
+        router_logits = topk_index = None
         if self.is_moe_layer:
-            ffn_out, _ = ffn_out
+            ffn_out, router_logits, topk_index = self.feed_forward(ffn_in)
+        else:
+            ffn_out = self.feed_forward(ffn_in)
         if not self.pre_norm:
             ffn_out = self.post_attention_layernorm(ffn_out)
-        return hidden_states + self.residual_dropout(ffn_out)
+        return hidden_states + self.residual_dropout(ffn_out), router_logits, topk_index
 
 
 class Llama4XPreTrainedModel(PreTrainedModel):
@@ -261,7 +291,6 @@ class Llama4XPreTrainedModel(PreTrainedModel):
     _can_record_outputs = {
         "hidden_states": Llama4XDecoderLayer,
         "attentions": Llama4XAttention,
-        "router_logits": OutputRecorder(Llama4XMoE, index=1),
     }
 
     @classmethod
@@ -298,7 +327,15 @@ class Llama4XTextModel(Llama4XPreTrainedModel):
         self.norm = Llama4XRMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary_emb = Llama4XRotaryEmbedding(config)
         self.gradient_checkpointing = False
+        # Tokens per expert seen in training forward passes: since the last bias update, and since the last
+        # `pop_expert_load()` (for logging); (num_moe_layers, E) int64, created on first use.
+        self._pending_load: torch.Tensor | None = None
+        self._window_load: torch.Tensor | None = None
         self.post_init()
+
+    @property
+    def moe_blocks(self) -> list[Llama4XMoE]:
+        return [layer.feed_forward for layer in self.layers if layer.is_moe_layer]
 
     @merge_with_config_defaults
     @capture_outputs
@@ -310,9 +347,10 @@ class Llama4XTextModel(Llama4XPreTrainedModel):
         cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
+        output_router_logits: bool | None = None,
         past_key_values: Cache | None = None,
         **kwargs: Unpack[TransformersKwargs],
-    ) -> MoeModelOutputWithPast:
+    ) -> Llama4XModelOutput:
         """Decoder forward. `cache` (`past_key_values` before transformers 5.24) holds the keys and values of
         earlier steps; chunked layers keep at most one chunk of them."""
         cache = cache if cache is not None else past_key_values
@@ -337,8 +375,9 @@ class Llama4XTextModel(Llama4XPreTrainedModel):
 
         hidden_states = inputs_embeds
         position_embeddings = self.rotary_emb(hidden_states, position_ids)
+        router_logits, topk_indices = [], []
         for layer, layer_type in zip(self.layers, self.config.layer_types):
-            hidden_states = layer(
+            hidden_states, layer_logits, layer_topk = layer(
                 hidden_states,
                 position_embeddings,
                 position_ids,
@@ -346,8 +385,59 @@ class Llama4XTextModel(Llama4XPreTrainedModel):
                 cache=cache,
                 **kwargs,
             )
+            if layer_logits is not None:
+                router_logits.append(layer_logits)
+                topk_indices.append(layer_topk)
         hidden_states = self.norm(hidden_states)
-        return MoeModelOutputWithPast(last_hidden_state=hidden_states, **{CACHE_FIELD: cache if use_cache else None})
+
+        output = Llama4XModelOutput(last_hidden_state=hidden_states, **{CACHE_FIELD: cache if use_cache else None})
+        if router_logits:
+            self._report_routing(output, router_logits, topk_indices, attention_mask, inputs_embeds.shape[:2],
+                                 bool(output_router_logits))  # fmt: skip
+        return output
+
+    def _report_routing(self, output, router_logits, topk_indices, attention_mask, batch_shape, requested) -> None:
+        """Expert loads, balancing losses and bias bookkeeping from the MoE layers' routing."""
+        config = self.config
+        token_mask_BS = token_mask_from_attention_mask(attention_mask, batch_shape[1])
+        if token_mask_BS is None:
+            token_mask_BS = torch.ones(batch_shape, dtype=torch.bool, device=router_logits[0].device)
+        tracking = self.training and torch.is_grad_enabled()
+        if requested or tracking:
+            load_LE = torch.stack([expert_load(ix, config.num_local_experts, token_mask_BS) for ix in topk_indices])
+            if tracking:
+                self._track_expert_load(load_LE)
+            if requested:
+                output.expert_load = load_LE
+                output.router_logits = tuple(router_logits)
+        if requested or config.router_aux_loss_coef > 0 or config.router_z_loss_coef > 0:
+            output.aux_loss, output.z_loss = balancing_losses(router_logits, topk_indices, token_mask_BS, config)
+
+    def _track_expert_load(self, load_LE: torch.Tensor) -> None:
+        load_LE = load_LE.detach()
+        if self._pending_load is None or self._pending_load.device != load_LE.device:
+            self._pending_load, self._window_load = torch.zeros_like(load_LE), torch.zeros_like(load_LE)
+        self._pending_load += load_LE
+        self._window_load += load_LE
+        if self.config.router_bias_update_rate > 0:
+            schedule_bias_update(self)
+
+    def apply_balancing_bias_update(self) -> None:
+        """One auxiliary-loss-free balancing step from the loads since the last one (called after each optimizer
+        step automatically; see `balancing.py`)."""
+        if self._pending_load is None:
+            return
+        load_LE = all_reduce_load(self._pending_load)
+        for block, load_E in zip(self.moe_blocks, load_LE):
+            update_balancing_bias(block.e_score_correction_bias, load_E, self.config.router_bias_update_rate)
+        self._pending_load.zero_()
+
+    def pop_expert_load(self) -> torch.Tensor | None:
+        """Tokens per expert `(num_moe_layers, E)` over the training forward passes since the last call."""
+        load_LE, self._window_load = self._window_load, None
+        if load_LE is not None:
+            self._window_load = torch.zeros_like(load_LE)
+        return load_LE
 
 
 class Llama4XForCausalLM(Llama4XPreTrainedModel, GenerationMixin):
@@ -374,9 +464,10 @@ class Llama4XForCausalLM(Llama4XPreTrainedModel, GenerationMixin):
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        output_router_logits: bool | None = None,
         past_key_values: Cache | None = None,
         **kwargs: Unpack[TransformersKwargs],
-    ) -> MoeCausalLMOutputWithPast:
+    ) -> Llama4XCausalLMOutput:
         """`labels (B, S)` are the input ids (shifted inside; -100 ignored); `logits_to_keep` keeps the last N
         positions' logits (0: all)."""
         outputs = self.model(
@@ -386,6 +477,7 @@ class Llama4XForCausalLM(Llama4XPreTrainedModel, GenerationMixin):
             cache=cache if cache is not None else past_key_values,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
+            output_router_logits=output_router_logits,
             **kwargs,
         )
         hidden_states = outputs.last_hidden_state
@@ -394,11 +486,18 @@ class Llama4XForCausalLM(Llama4XPreTrainedModel, GenerationMixin):
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
-        return MoeCausalLMOutputWithPast(
+            if self.config.router_aux_loss_coef > 0 and outputs.aux_loss is not None:
+                loss = loss + self.config.router_aux_loss_coef * outputs.aux_loss.to(loss.device)
+            if self.config.router_z_loss_coef > 0 and outputs.z_loss is not None:
+                loss = loss + self.config.router_z_loss_coef * outputs.z_loss.to(loss.device)
+        return Llama4XCausalLMOutput(
             loss=loss,
+            aux_loss=outputs.aux_loss,
+            z_loss=outputs.z_loss,
+            expert_load=outputs.expert_load,
             logits=logits,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
-            router_logits=getattr(outputs, "router_logits", None),
+            router_logits=outputs.router_logits,
             **{CACHE_FIELD: getattr(outputs, CACHE_FIELD)},
         )

@@ -6,11 +6,15 @@ Shape legend
     E  routed experts
     K  experts per token (top-k)
     I  expert intermediate size
+    G  expert groups (group-limited routing)
+    S  (token, expert) pairs, T * K
 
 Forward of `Llama4XMoE`, step by step:
-    1. router logits `x_TH @ W_r^T -> logits_TE`, in float32 (bf16 ties flip the top-k choice);
-    2. scores `sigmoid` or `softmax` of the logits; top-k selection -> `topk_index_TK`, `topk_weight_TK`
-       (optionally renormalised and scaled);
+    1. router logits `x_TH @ W_r^T -> logits_TE`, in float32 (bf16 ties flip the top-k choice); in training the
+       router input may be jittered;
+    2. scores `sigmoid` or `softmax` of the logits; top-k selection -> `topk_index_TK` on the scores plus the
+       balancing bias (selection only), restricted to the best groups when group-limited;
+       combine weights `topk_weight_TK` are the unbiased scores (optionally renormalised and scaled);
     3. routed experts on the selected (token, expert) pairs only, through transformers' experts interface
        (`grouped_mm` sorts the pairs by expert and runs one grouped GEMM per projection);
        Llama 4 scales each expert's *input* by its weight, other models the output;
@@ -82,15 +86,39 @@ class Routing:
     topk_weight: torch.Tensor  # (T, K) combine weights, float32
 
 
-def route(logits_TE: torch.Tensor, config: Llama4XTextConfig) -> Routing:
-    """Scores, top-k choice and combine weights from float32 router logits."""
+def router_scores(logits_TE: torch.Tensor, config: Llama4XTextConfig) -> torch.Tensor:
+    """Per-expert scores in [0, 1]: sigmoid (independent per expert) or softmax (a distribution)."""
     if config.router_score_func == "sigmoid":
-        scores_TE = torch.sigmoid(logits_TE)
+        return torch.sigmoid(logits_TE)
+    return torch.softmax(logits_TE, dim=-1)
+
+
+def limit_to_top_groups(selection_TE: torch.Tensor, config: Llama4XTextConfig) -> torch.Tensor:
+    """DeepSeek-V3 node-limited routing: keep the `topk_group` groups whose top-(k / topk_group) selection
+    scores sum highest; the experts of the other groups get -inf."""
+    T, E = selection_TE.shape
+    G, per_group = config.n_group, E // config.n_group
+    grouped_TGX = selection_TE.view(T, G, per_group)
+    group_score_TG = grouped_TGX.topk(config.num_experts_per_tok // config.topk_group, dim=-1).values.sum(-1)
+    top_groups = group_score_TG.topk(config.topk_group, dim=-1).indices
+    keep_TG = torch.zeros(T, G, dtype=torch.bool, device=selection_TE.device).scatter_(1, top_groups, True)
+    return selection_TE.masked_fill(~keep_TG.repeat_interleave(per_group, dim=1), float("-inf"))
+
+
+def route(
+    logits_TE: torch.Tensor, config: Llama4XTextConfig, selection_bias_E: torch.Tensor | None = None
+) -> Routing:
+    """Scores, top-k choice and combine weights from float32 router logits."""
+    scores_TE = router_scores(logits_TE, config)
+    if selection_bias_E is None and config.n_group == 1:
+        # Both score functions are monotone per token, so selecting on the logits picks the same experts and
+        # avoids the ties that float32 sigmoid saturation would create.
+        selection_TE = logits_TE
     else:
-        scores_TE = torch.softmax(logits_TE, dim=-1)
-    # Both score functions are monotone per token, so selecting on the logits picks the same experts and
-    # avoids ties that float32 sigmoid saturation would create.
-    topk_index_TK = torch.topk(logits_TE, config.num_experts_per_tok, dim=-1).indices
+        selection_TE = scores_TE if selection_bias_E is None else scores_TE + selection_bias_E
+        if config.n_group > 1:
+            selection_TE = limit_to_top_groups(selection_TE, config)
+    topk_index_TK = torch.topk(selection_TE, config.num_experts_per_tok, dim=-1).indices
     topk_weight_TK = scores_TE.gather(-1, topk_index_TK)
     if config.norm_topk_prob:
         topk_weight_TK = topk_weight_TK / topk_weight_TK.sum(dim=-1, keepdim=True).clamp_min(1e-20)
@@ -99,7 +127,11 @@ def route(logits_TE: torch.Tensor, config: Llama4XTextConfig) -> Routing:
 
 
 class Llama4XMoE(nn.Module):
-    """Shared experts plus top-k routed experts. Returns `(out (B, S, H), router_logits (T, E))`."""
+    """Shared experts plus top-k routed experts.
+
+    Returns `(out (B, S, H), router_logits (T, E), topk_index (T, K))`; the model turns the last two into
+    balancing losses, expert-load statistics and balancing-bias updates (see `balancing.py`).
+    """
 
     def __init__(self, config: Llama4XTextConfig):
         super().__init__()
@@ -108,15 +140,25 @@ class Llama4XMoE(nn.Module):
         self.experts = Llama4XExperts(config)
         shared_size = config.num_shared_experts * config.moe_intermediate_size
         self.shared_experts = Llama4XMLP(config, shared_size) if shared_size > 0 else None
+        if config.router_bias_update_rate > 0:
+            # DeepSeek-V3's name; kept in float32 and saved with the checkpoint.
+            self.register_buffer("e_score_correction_bias", torch.zeros(config.num_local_experts))
+        else:
+            self.e_score_correction_bias = None
 
-    def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         x_TH = hidden_states.reshape(-1, hidden_states.shape[-1])
-        logits_TE = F.linear(x_TH.float(), self.router.weight.float())
-        routing = route(logits_TE, self.config)
+        router_in_TH = x_TH.float()
+        if self.training and self.config.router_jitter_noise > 0:
+            noise = self.config.router_jitter_noise
+            router_in_TH = router_in_TH * torch.empty_like(router_in_TH).uniform_(1.0 - noise, 1.0 + noise)
+        logits_TE = F.linear(router_in_TH, self.router.weight.float())
+        bias_E = None if self.e_score_correction_bias is None else self.e_score_correction_bias.float()
+        routing = route(logits_TE, self.config, bias_E)
         routed_TH = self._run_experts(x_TH, routing)
         if self.shared_experts is not None:
             routed_TH = routed_TH + self.shared_experts(x_TH)
-        return routed_TH.view_as(hidden_states), logits_TE
+        return routed_TH.view_as(hidden_states), logits_TE, routing.topk_index
 
     def _run_experts(self, x_TH: torch.Tensor, routing: Routing) -> torch.Tensor:
         weight_TK = routing.topk_weight.to(x_TH.dtype)

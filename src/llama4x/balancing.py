@@ -1,0 +1,138 @@
+"""Load balancing of the routed experts: balancing losses, expert-load statistics, loss-free bias updates.
+
+The functions take what the model collects from each MoE layer: `router_logits (T, E)` in float32 and the
+chosen `topk_index (T, K)`, plus `token_mask (B, S)` that is False on padding (padding never counts).
+
+Auxiliary-loss-free balancing (DeepSeek-V3) needs no code from the user: in training forward passes the
+model adds each layer's tokens-per-expert counts to a pending total and registers itself here; torch's global
+optimizer step hook then applies one bias update per optimizer step that touched the model's parameters —
+with gradient accumulation, from all micro-batches of that step. Eval and inference never update it.
+"""
+
+import math
+import weakref
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.optim.optimizer import register_optimizer_step_post_hook
+
+from .configuration_llama4x import Llama4XTextConfig
+from .moe import router_scores
+
+
+def token_mask_from_attention_mask(attention_mask: torch.Tensor | None, seq_len: int) -> torch.Tensor | None:
+    """`(B, S)` bool mask of the current (non-padding) tokens from a 2-D padding mask over past + current."""
+    if not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2:
+        return None
+    return attention_mask[:, -seq_len:].bool()
+
+
+def expert_load(topk_index_TK: torch.Tensor, num_experts: int, token_mask: torch.Tensor | None) -> torch.Tensor:
+    """Tokens routed to each expert, `(E,)` int64; padding excluded."""
+    if token_mask is not None:
+        topk_index_TK = topk_index_TK[token_mask.reshape(-1)]
+    return torch.bincount(topk_index_TK.reshape(-1), minlength=num_experts)
+
+
+def load_balancing_loss(
+    logits_TE: torch.Tensor,
+    topk_index_TK: torch.Tensor,
+    token_mask_BS: torch.Tensor,
+    config: Llama4XTextConfig,
+) -> torch.Tensor:
+    """Switch/GShard loss `E * sum_i f_i * P_i`: `f_i` the fraction of (token, expert) assignments that go to
+    expert i, `P_i` its mean routing probability (sigmoid scores normalised per token, as DeepSeek-V3).
+    `router_aux_loss_type="sequence"` computes it per sequence and averages over sequences."""
+    B, S = token_mask_BS.shape
+    E, K = config.num_local_experts, config.num_experts_per_tok
+    probs_TE = router_scores(logits_TE, config)
+    if config.router_score_func == "sigmoid":
+        probs_TE = probs_TE / probs_TE.sum(dim=-1, keepdim=True).clamp_min(1e-20)
+    assigned_TE = F.one_hot(topk_index_TK, E).sum(dim=1).float()
+    mask_BS1 = token_mask_BS.reshape(B, S, 1).float()
+    dims = (0, 1) if config.router_aux_loss_type == "global" else (1,)
+    tokens = mask_BS1.sum(dims)  # () or (B, 1)
+    f = (assigned_TE.view(B, S, E) * mask_BS1).sum(dims) / (tokens * K).clamp_min(1)
+    p = (probs_TE.view(B, S, E) * mask_BS1).sum(dims) / tokens.clamp_min(1)
+    loss = E * (f * p).sum(-1)
+    if config.router_aux_loss_type == "sequence":  # average over the sequences that have tokens
+        has_tokens = tokens.reshape(-1) > 0
+        loss = loss[has_tokens].mean() if has_tokens.any() else loss.sum() * 0
+    return loss
+
+
+def router_z_loss(logits_TE: torch.Tensor, token_mask_BS: torch.Tensor) -> torch.Tensor:
+    """ST-MoE's z-loss: mean over (non-padding) tokens of `logsumexp(logits)^2`."""
+    mask_T = token_mask_BS.reshape(-1).float()
+    return (torch.logsumexp(logits_TE, dim=-1).square() * mask_T).sum() / mask_T.sum().clamp_min(1)
+
+
+def balancing_losses(
+    router_logits: list[torch.Tensor],
+    topk_indices: list[torch.Tensor],
+    token_mask_BS: torch.Tensor,
+    config: Llama4XTextConfig,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(aux_loss, z_loss)`, each averaged over the MoE layers."""
+    aux = torch.stack([load_balancing_loss(lg, ix, token_mask_BS, config) for lg, ix in zip(router_logits, topk_indices)])
+    z = torch.stack([router_z_loss(lg, token_mask_BS) for lg in router_logits])
+    return aux.mean(), z.mean()
+
+
+def max_violation(load_LE: torch.Tensor) -> torch.Tensor:
+    """`max_load / mean_load - 1` per layer (0 is perfect balance; 0 for a layer that saw no tokens)."""
+    load_LE = load_LE.double()
+    mean = load_LE.mean(dim=-1)
+    return torch.where(mean > 0, load_LE.amax(dim=-1) / mean.clamp_min(1e-12) - 1, torch.zeros_like(mean))
+
+
+def load_entropy(load_LE: torch.Tensor) -> torch.Tensor:
+    """Entropy of the distribution of tokens over experts per layer, divided by `log(E)` (1 = uniform)."""
+    load_LE = load_LE.double()
+    p = load_LE / load_LE.sum(dim=-1, keepdim=True).clamp_min(1)
+    entropy = -(p * torch.log(p.clamp_min(1e-300))).sum(dim=-1)
+    return entropy / math.log(load_LE.shape[-1])
+
+
+def routing_stats(load_LE: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per-layer statistics of an expert-load matrix `(num_moe_layers, E)`."""
+    return {"expert_load": load_LE, "max_violation": max_violation(load_LE), "load_entropy": load_entropy(load_LE)}
+
+
+@torch.no_grad()
+def update_balancing_bias(bias_E: torch.Tensor, load_E: torch.Tensor, rate: float) -> None:
+    """DeepSeek-V3: `b_i += rate * sign(mean_load - load_i)`; overloaded experts become less likely picks."""
+    load_E = load_E.to(bias_E.device, torch.float64)
+    bias_E += (rate * torch.sign(load_E.mean() - load_E)).to(bias_E.dtype)
+
+
+def all_reduce_load(load_LE: torch.Tensor) -> torch.Tensor:
+    """Sum the pending loads of all data-parallel processes, so every process applies the same bias update."""
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(load_LE)
+    return load_LE
+
+
+# torch's optimizer hook is process-global, so the set of models waiting for a bias update is too; it holds
+# weak references only, and a model is in it only between its training forward passes and the next step.
+_models_awaiting_update: "weakref.WeakSet[torch.nn.Module]" = weakref.WeakSet()
+_hook_handle = None
+
+
+def schedule_bias_update(model: torch.nn.Module) -> None:
+    """Let the next optimizer step over `model`'s parameters call `model.apply_balancing_bias_update()`."""
+    global _hook_handle
+    _models_awaiting_update.add(model)
+    if _hook_handle is None:
+        _hook_handle = register_optimizer_step_post_hook(_after_optimizer_step)
+
+
+def _after_optimizer_step(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
+    if not _models_awaiting_update:
+        return
+    stepped = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    for model in list(_models_awaiting_update):
+        if any(id(p) in stepped for p in model.parameters()):
+            _models_awaiting_update.discard(model)
+            model.apply_balancing_bias_update()
