@@ -49,8 +49,8 @@ def load_balancing_loss(
     probs_TE = router_scores(logits_TE, config)
     if config.router_score_func == "sigmoid":
         probs_TE = probs_TE / probs_TE.sum(dim=-1, keepdim=True).clamp_min(1e-20)
-    assigned_TE = F.one_hot(topk_index_TK, E).sum(dim=1).float()
-    mask_BS1 = token_mask_BS.reshape(B, S, 1).float()
+    assigned_TE = F.one_hot(topk_index_TK, E).sum(dim=1).to(probs_TE.dtype)
+    mask_BS1 = token_mask_BS.reshape(B, S, 1).to(probs_TE.dtype)
     dims = (0, 1) if config.router_aux_loss_type == "global" else (1,)
     tokens = mask_BS1.sum(dims)  # () or (B, 1)
     f = (assigned_TE.view(B, S, E) * mask_BS1).sum(dims) / (tokens * K).clamp_min(1)
@@ -64,7 +64,7 @@ def load_balancing_loss(
 
 def router_z_loss(logits_TE: torch.Tensor, token_mask_BS: torch.Tensor) -> torch.Tensor:
     """ST-MoE's z-loss: mean over (non-padding) tokens of `logsumexp(logits)^2`."""
-    mask_T = token_mask_BS.reshape(-1).float()
+    mask_T = token_mask_BS.reshape(-1).to(logits_TE.dtype)
     return (torch.logsumexp(logits_TE, dim=-1).square() * mask_T).sum() / mask_T.sum().clamp_min(1)
 
 

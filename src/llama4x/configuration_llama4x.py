@@ -91,6 +91,7 @@ class Llama4XTextConfig(PreTrainedConfig):
     """
 
     model_type = "llama4x_text"
+    default_theta = 500000.0  # RoPE base when a config gives `rope_scaling` without `rope_theta` (as Llama 4)
     keys_to_ignore_at_inference = ["cache", "past_key_values"]
     base_model_tp_plan = {
         "layers.*.self_attn.q_proj": "colwise",

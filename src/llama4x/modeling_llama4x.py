@@ -288,6 +288,8 @@ class Llama4XPreTrainedModel(PreTrainedModel):
     _supports_flex_attn = True
     _supports_flash_attn = False  # chunked attention needs a mask flash-attn cannot express
     _supports_attention_backend = True
+    # The balancing bias moves in steps of ~1e-3 that bfloat16 cannot represent around its typical values.
+    _keep_in_fp32_modules_strict = ["e_score_correction_bias"]
     _can_record_outputs = {
         "hidden_states": Llama4XDecoderLayer,
         "attentions": Llama4XAttention,

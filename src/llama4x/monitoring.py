@@ -1,0 +1,82 @@
+"""Routing statistics in training: a `TrainerCallback` that logs them and an expert-load heatmap."""
+
+from pathlib import Path
+
+import torch
+from transformers import TrainerCallback
+
+from .balancing import routing_stats
+
+
+def find_text_model(model: torch.nn.Module) -> torch.nn.Module | None:
+    """The llama4x decoder inside `model` (a CausalLM, a PEFT wrapper, a DDP wrapper, ...), or None."""
+    for module in model.modules():
+        if hasattr(module, "pop_expert_load"):
+            return module
+    return None
+
+
+def plot_expert_load(load_LE: torch.Tensor, path: str | Path, title: str = "Tokens per expert") -> Path:
+    """Save a layers x experts heatmap of the share of each layer's tokens that went to each expert."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    share = (load_LE.double() / load_LE.sum(dim=-1, keepdim=True).clamp_min(1)).cpu().numpy()
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.35 * share.shape[1] + 2), max(2.5, 0.4 * share.shape[0] + 1.5)))
+    image = ax.imshow(share, aspect="auto", cmap="viridis", vmin=0)
+    ax.set_xlabel("expert")
+    ax.set_ylabel("MoE layer")
+    ax.set_title(title)
+    fig.colorbar(image, ax=ax, label="share of tokens")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+class RoutingStatsCallback(TrainerCallback):
+    """Adds `moe/max_violation`, `moe/load_entropy` (means over MoE layers) and per-layer values to the Trainer
+    logs, from the training forward passes since the previous log; at the end of training saves the expert-load
+    heatmap of the whole run to `output_dir/expert_load.png`.
+
+    `Trainer(..., callbacks=[RoutingStatsCallback()])` records them in `trainer.state.log_history`; use
+    `RoutingStatsCallback.attach(trainer)` to also have them printed and sent to the reporting integrations.
+    """
+
+    def __init__(self, per_layer: bool = True):
+        self.per_layer = per_layer
+        self.total_load: torch.Tensor | None = None
+
+    @classmethod
+    def attach(cls, trainer, **kwargs) -> "RoutingStatsCallback":
+        """Insert the callback first, so that the progress printer and reporters see the added values."""
+        callback = cls(**kwargs)
+        trainer.callback_handler.callbacks.insert(0, callback)
+        return callback
+
+    def on_log(self, args, state, control, logs=None, model=None, **kwargs):
+        text_model = find_text_model(model) if model is not None else None
+        load_LE = text_model.pop_expert_load() if text_model is not None else None
+        if logs is None or load_LE is None or load_LE.sum() == 0:
+            return
+        self.total_load = load_LE.cpu() if self.total_load is None else self.total_load + load_LE.cpu()
+        stats = routing_stats(load_LE)
+        values = {
+            "moe/max_violation": stats["max_violation"].mean().item(),
+            "moe/load_entropy": stats["load_entropy"].mean().item(),
+        }
+        if self.per_layer:
+            for i, (violation, entropy) in enumerate(zip(stats["max_violation"], stats["load_entropy"])):
+                values[f"moe/max_violation/layer_{i}"] = violation.item()
+                values[f"moe/load_entropy/layer_{i}"] = entropy.item()
+        logs.update(values)
+        if state.log_history and state.log_history[-1].get("step") == state.global_step:
+            state.log_history[-1].update(values)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.total_load is not None and state.is_world_process_zero:
+            plot_expert_load(self.total_load, Path(args.output_dir) / "expert_load.png", "Tokens per expert (training)")
