@@ -11,8 +11,8 @@ from hypothesis import strategies as st
 from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
 from llama4x.balancing import expert_load, load_balancing_loss, router_z_loss
-from llama4x.monitoring import RoutingStatsCallback
 from llama4x.moe import route
+from llama4x.monitoring import RoutingStatsCallback
 from tiny import random_ids, tiny_model, tiny_text_config
 
 # A fixed routing of 2 sequences x 3 tokens over 4 experts.
@@ -94,7 +94,10 @@ def test_padding_tokens_do_not_count_in_loads_or_losses():
     attention_mask[0, :5] = 0
     other_padding = input_ids.clone()
     other_padding[0, :5] = random_ids(1, 5, seed=7)
-    outs = [model(input_ids=ids, attention_mask=attention_mask, output_router_logits=True) for ids in (input_ids, other_padding)]
+    outs = [
+        model(input_ids=ids, attention_mask=attention_mask, output_router_logits=True)
+        for ids in (input_ids, other_padding)
+    ]
     real_tokens = int(attention_mask.sum())
     assert outs[0].expert_load.sum(dim=-1).tolist() == [real_tokens * 2] * 4
     assert torch.equal(outs[0].expert_load, outs[1].expert_load)

@@ -81,7 +81,9 @@ def test_sampling_and_beam_search_run_with_the_cache(kwargs):
     model = tiny_model()
     input_ids, attention_mask = _left_padded_batch()
     torch.manual_seed(0)
-    out = model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=6, pad_token_id=0, **kwargs)
+    out = model.generate(
+        input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=6, pad_token_id=0, **kwargs
+    )
     assert out.shape == (2, 36)
     assert out[:, 30:].max() < model.config.vocab_size
 

@@ -137,7 +137,9 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         grads.append({name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None})
     assert grads[0].keys() == grads[1].keys()
     for name in grads[0]:
-        assert torch.allclose(grads[0][name], grads[1][name], atol=1e-6), f"{name}: {_max_diff(*[g[name] for g in grads])}"
+        assert torch.allclose(grads[0][name], grads[1][name], atol=1e-6), (
+            f"{name}: {_max_diff(*[g[name] for g in grads])}"
+        )
 
 
 def test_post_norm_places_the_norms_after_attention_and_ffn():

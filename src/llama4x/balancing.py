@@ -75,7 +75,9 @@ def balancing_losses(
     config: Llama4XTextConfig,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`(aux_loss, z_loss)`, each averaged over the MoE layers."""
-    aux = torch.stack([load_balancing_loss(lg, ix, token_mask_BS, config) for lg, ix in zip(router_logits, topk_indices)])
+    aux = torch.stack(
+        [load_balancing_loss(lg, ix, token_mask_BS, config) for lg, ix in zip(router_logits, topk_indices)]
+    )
     z = torch.stack([router_z_loss(lg, token_mask_BS) for lg in router_logits])
     return aux.mean(), z.mean()
 

@@ -105,9 +105,7 @@ def limit_to_top_groups(selection_TE: torch.Tensor, config: Llama4XTextConfig) -
     return selection_TE.masked_fill(~keep_TG.repeat_interleave(per_group, dim=1), float("-inf"))
 
 
-def route(
-    logits_TE: torch.Tensor, config: Llama4XTextConfig, selection_bias_E: torch.Tensor | None = None
-) -> Routing:
+def route(logits_TE: torch.Tensor, config: Llama4XTextConfig, selection_bias_E: torch.Tensor | None = None) -> Routing:
     """Scores, top-k choice and combine weights from float32 router logits."""
     scores_TE = router_scores(logits_TE, config)
     if selection_bias_E is None and config.n_group == 1:

@@ -79,4 +79,6 @@ class RoutingStatsCallback(TrainerCallback):
 
     def on_train_end(self, args, state, control, **kwargs):
         if self.total_load is not None and state.is_world_process_zero:
-            plot_expert_load(self.total_load, Path(args.output_dir) / "expert_load.png", "Tokens per expert (training)")
+            plot_expert_load(
+                self.total_load, Path(args.output_dir) / "expert_load.png", "Tokens per expert (training)"
+            )

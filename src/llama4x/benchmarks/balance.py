@@ -241,9 +241,11 @@ def run_balance_benchmark(
     log_every = log_every if log_every is not None else max(1, steps // 100)
     variants = list(variants) if variants is not None else list(VARIANTS)
     for name, value in [("steps", steps), ("batch_size", batch_size), ("block_size", block_size),
-                        ("log_every", log_every), ("warmup_steps", warmup_steps + 1)]:  # fmt: skip
+                        ("log_every", log_every)]:  # fmt: skip
         if not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name}={value!r} must be an int >= 1" + (" (or 0)" if name == "warmup_steps" else ""))
+            raise ValueError(f"{name}={value!r} must be an int >= 1")
+    if not isinstance(warmup_steps, int) or warmup_steps < 0:
+        raise ValueError(f"warmup_steps={warmup_steps!r} must be an int >= 0")
     if eval_blocks is not None and (not isinstance(eval_blocks, int) or eval_blocks < 1):
         raise ValueError(f"eval_blocks={eval_blocks!r} must be an int >= 1 or None (all held-out blocks)")
     for name, value in [("lr", lr), ("aux_loss_coef", aux_loss_coef), ("bias_update_rate", bias_update_rate)]:
@@ -394,7 +396,7 @@ def _figure(figsize: tuple[float, float]):
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=figsize)
+    fig = Figure(figsize=figsize, layout="constrained")
     FigureCanvasAgg(fig)
     return fig
 
@@ -413,7 +415,6 @@ def plot_curves(path: str | Path, results: dict[str, Any], key: str, ylabel: str
     ax.set_title(f"llama4x tiny: {ylabel.split(' (')[0]} per training window")
     ax.grid(alpha=0.3, which="both")
     ax.legend()
-    fig.tight_layout()
     fig.savefig(path, dpi=110)
 
 
