@@ -1,0 +1,123 @@
+"""Parity with transformers' Llama 4: the same weights compute the same function in llama4x."""
+
+import pytest
+import torch
+from transformers import Llama4ForCausalLM, Llama4TextConfig
+
+from llama4x import Llama4XForCausalLM, Llama4XTextConfig
+from llama4x.conversion import (
+    state_dict_from_llama4,
+    state_dict_to_llama4,
+    text_config_from_llama4,
+    text_config_to_llama4,
+)
+from tiny import random_ids
+
+CHUNK = 8
+
+
+def llama4_text_config(**overrides) -> Llama4TextConfig:
+    fields = {
+        "vocab_size": 97, "hidden_size": 32, "intermediate_size": 16, "intermediate_size_mlp": 48,
+        "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8,
+        "num_local_experts": 4, "num_experts_per_tok": 1, "attention_chunk_size": CHUNK, "no_rope_layer_interval": 2,
+        "floor_scale": 4, "attn_scale": 0.5, "max_position_embeddings": 256, "pad_token_id": 0, "bos_token_id": 1,
+        "eos_token_id": 2, "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0},
+    }  # fmt: skip
+    fields.update(overrides)
+    return Llama4TextConfig(**fields)
+
+
+def converted_pair(seed: int = 0, **overrides) -> tuple[Llama4ForCausalLM, Llama4XForCausalLM]:
+    torch.manual_seed(seed)
+    reference = Llama4ForCausalLM(llama4_text_config(**overrides)).eval()
+    model = Llama4XForCausalLM(text_config_from_llama4(reference.config)).eval()
+    missing, unexpected = model.load_state_dict(state_dict_from_llama4(reference.state_dict()), strict=True)
+    assert not missing and not unexpected
+    return reference, model
+
+
+CONFIGS = {
+    "all_moe_qk_norm_nope_every_2nd": {},
+    "interleaved_moe_dense": {"interleave_moe_layer_step": 2},
+    "no_qk_norm": {"use_qk_norm": False},
+    "nope_every_4th_top2": {"no_rope_layer_interval": 4, "num_experts_per_tok": 2},
+    "no_temperature_tuning": {"attn_temperature_tuning": False},
+}
+
+
+@pytest.mark.parametrize("overrides", CONFIGS.values(), ids=CONFIGS.keys())
+@pytest.mark.parametrize("kernel", ["eager", "sdpa"])
+def test_llama4_causal_lm_logits_match_after_conversion(overrides, kernel):
+    reference, model = converted_pair(**overrides)
+    reference.set_attn_implementation(kernel)
+    model.set_attn_implementation(kernel)
+    input_ids = random_ids(2, 3 * CHUNK + 5)  # longer than 2 x attention_chunk_size
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[1, :6] = 0
+    with torch.no_grad():
+        expected = reference(input_ids=input_ids, attention_mask=attention_mask).logits
+        actual = model(input_ids=input_ids, attention_mask=attention_mask).logits
+    real = attention_mask.bool()
+    diff = (actual - expected)[real].abs().max().item()
+    assert torch.allclose(actual[real], expected[real], rtol=1e-5, atol=1e-5), f"max diff {diff}"
+
+
+def test_greedy_generation_matches_llama4_token_for_token():
+    reference, model = converted_pair(seed=3)
+    input_ids = random_ids(1, 5)
+    kwargs = {"max_new_tokens": 64, "min_new_tokens": 64, "do_sample": False, "pad_token_id": 0}
+    expected = reference.generate(input_ids=input_ids, **kwargs)
+    actual = model.generate(input_ids=input_ids, **kwargs)
+    assert expected.shape[1] > 8 * CHUNK  # crosses many chunk boundaries with the cache
+    assert torch.equal(actual, expected)
+
+
+@pytest.mark.parametrize("overrides", CONFIGS.values(), ids=CONFIGS.keys())
+def test_round_trip_llama4x_to_llama4_and_back_is_bit_exact(overrides):
+    _, model = converted_pair(**overrides)
+    llama4_config = text_config_to_llama4(model.config)
+    back_config = text_config_from_llama4(llama4_config)
+    assert back_config.to_diff_dict() == model.config.to_diff_dict()
+    state_dict = model.state_dict()
+    back = state_dict_from_llama4(state_dict_to_llama4(state_dict))
+    assert back.keys() == state_dict.keys()
+    assert all(torch.equal(back[k], state_dict[k]) for k in state_dict)
+    reference = Llama4ForCausalLM(llama4_config)
+    reference.load_state_dict(state_dict_to_llama4(state_dict), strict=True)
+
+
+ARCHITECTURE_FIELDS = (
+    "vocab_size", "hidden_size", "intermediate_size", "intermediate_size_mlp", "num_hidden_layers",
+    "num_attention_heads", "num_key_value_heads", "head_dim", "hidden_act", "rms_norm_eps", "num_local_experts",
+    "num_experts_per_tok", "moe_layers", "use_qk_norm", "no_rope_layers", "attention_chunk_size", "layer_types",
+    "attn_temperature_tuning", "floor_scale", "attn_scale", "attention_bias",
+)  # fmt: skip
+
+
+def test_scout_preset_has_the_architecture_of_transformers_llama4_defaults():
+    converted = text_config_to_llama4(Llama4XTextConfig.from_preset("scout"))
+    default = Llama4TextConfig()
+    for field in ARCHITECTURE_FIELDS:
+        assert getattr(converted, field) == getattr(default, field), field
+
+
+def test_maverick_preset_converts_to_meta_maverick_architecture():
+    converted = text_config_to_llama4(Llama4XTextConfig.from_preset("maverick"))
+    scout = Llama4TextConfig()
+    assert converted.num_local_experts == 128
+    assert converted.moe_layers == list(range(1, 48, 2))
+    assert converted.use_qk_norm is False
+    differing = {"num_local_experts", "moe_layers", "use_qk_norm"}
+    for field in set(ARCHITECTURE_FIELDS) - differing:
+        assert getattr(converted, field) == getattr(scout, field), field
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [("router_score_func", "softmax"), ("num_shared_experts", 2), ("use_qk_norm", "rms"), ("norm_placement", "post")],
+)
+def test_configs_llama4_cannot_express_are_refused_naming_the_field(field, value):
+    config = text_config_from_llama4(llama4_text_config())
+    with pytest.raises(ValueError, match=field):
+        text_config_to_llama4(Llama4XTextConfig(**{**config.to_dict(), field: value}))
