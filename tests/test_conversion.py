@@ -2,10 +2,11 @@
 
 import pytest
 import torch
-from transformers import Llama4ForCausalLM, Llama4TextConfig
+from transformers import AutoModelForCausalLM, Llama4ForCausalLM, Llama4TextConfig
 
 from llama4x import Llama4XForCausalLM, Llama4XTextConfig
 from llama4x.conversion import (
+    convert_checkpoint,
     state_dict_from_llama4,
     state_dict_to_llama4,
     text_config_from_llama4,
@@ -121,3 +122,60 @@ def test_configs_llama4_cannot_express_are_refused_naming_the_field(field, value
     config = text_config_from_llama4(llama4_text_config())
     with pytest.raises(ValueError, match=field):
         text_config_to_llama4(Llama4XTextConfig(**{**config.to_dict(), field: value}))
+
+
+def test_checkpoint_folder_converts_shard_by_shard_and_loads_with_auto_classes(tmp_path):
+    reference, _ = converted_pair()
+    reference.save_pretrained(tmp_path / "llama4", max_shard_size="50KB")
+    assert len(list((tmp_path / "llama4").glob("*.safetensors"))) > 1
+    converted = convert_checkpoint(tmp_path / "llama4", tmp_path / "llama4x")
+    model = AutoModelForCausalLM.from_pretrained(converted).eval()
+    assert isinstance(model, Llama4XForCausalLM)
+    input_ids = random_ids(1, 20)
+    with torch.no_grad():
+        diff = (model(input_ids=input_ids).logits - reference(input_ids=input_ids).logits).abs().max().item()
+    assert diff < 1e-5, f"max diff {diff}"
+    back = AutoModelForCausalLM.from_pretrained(convert_checkpoint(converted, tmp_path / "back"))
+    assert isinstance(back, Llama4ForCausalLM)
+    for name, tensor in reference.state_dict().items():
+        assert torch.equal(back.state_dict()[name], tensor), name
+
+
+def test_checkpoint_conversion_casts_the_weights_to_the_requested_dtype(tmp_path):
+    _, model = converted_pair()
+    model.save_pretrained(tmp_path / "x")
+    converted = convert_checkpoint(tmp_path / "x", tmp_path / "l4", dtype=torch.bfloat16)
+    loaded = AutoModelForCausalLM.from_pretrained(converted)
+    assert loaded.config.dtype == torch.bfloat16
+    assert next(loaded.parameters()).dtype == torch.bfloat16
+
+
+def test_checkpoint_conversion_refuses_bad_folders(tmp_path):
+    reference, _ = converted_pair()
+    reference.save_pretrained(tmp_path / "llama4")
+    with pytest.raises(ValueError, match="no config.json"):
+        convert_checkpoint(tmp_path, tmp_path / "out")
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "config.json").write_text('{"model_type": "bert"}')
+    with pytest.raises(ValueError, match="'bert'"):
+        convert_checkpoint(tmp_path / "other", tmp_path / "out")
+    with pytest.raises(ValueError, match="must not be the input folder"):
+        convert_checkpoint(tmp_path / "llama4", tmp_path / "llama4")
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "keep.txt").write_text("user data")
+    with pytest.raises(ValueError, match="not empty"):
+        convert_checkpoint(tmp_path / "llama4", tmp_path / "busy")
+    assert (tmp_path / "busy" / "keep.txt").read_text() == "user data"
+    convert_checkpoint(tmp_path / "llama4", tmp_path / "busy", overwrite=True)
+    assert not (tmp_path / "busy" / "keep.txt").exists()
+    assert not list(tmp_path.glob(".*partial*")), "no staging folder is left behind"
+
+
+def test_failed_conversion_leaves_no_output(tmp_path):
+    reference, _ = converted_pair()
+    reference.save_pretrained(tmp_path / "llama4")
+    (tmp_path / "llama4" / "model.safetensors").write_bytes(b"truncated")
+    with pytest.raises(Exception):  # noqa: B017  (safetensors' own error for a corrupt file)
+        convert_checkpoint(tmp_path / "llama4", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    assert not list(tmp_path.glob(".*partial*"))

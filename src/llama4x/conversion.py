@@ -14,10 +14,18 @@ Llama 4 behaviours that llama4x expresses as config switches: sigmoid router sco
 RoPE on RoPE layers (`use_qk_norm="l2"`), `no_rope_layers` (1 = RoPE) <-> `nope_layers` (indices without RoPE).
 """
 
+import json
+import shutil
+import tempfile
 from collections.abc import Iterator
+from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
 from transformers import Llama4TextConfig
+from transformers.dynamic_module_utils import custom_object_save
 
 from .configuration_llama4x import Llama4XTextConfig
 
@@ -111,3 +119,114 @@ def state_dict_from_llama4(state_dict: dict[str, torch.Tensor]) -> dict[str, tor
 def state_dict_to_llama4(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """A `Llama4XForCausalLM` / `Llama4XTextModel` state dict as a Llama 4 one (same prefixes)."""
     return dict(_convert_all(state_dict, text_tensor_to_llama4))
+
+
+# --- whole checkpoint folders ------------------------------------------------------------------------------------
+
+SOURCE_KINDS = {"llama4_text": "llama4", "llama4x_text": "llama4x"}
+COPIED_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+    "chat_template.json", "preprocessor_config.json", "processor_config.json", "generation_config.json",
+)  # fmt: skip
+
+
+def _weight_files(folder: Path) -> tuple[list[str], dict | None]:
+    """The safetensors shards of a checkpoint folder and its index (None for a single file)."""
+    index_path = folder / "model.safetensors.index.json"
+    if index_path.is_file():
+        index = json.loads(index_path.read_text())
+        return sorted(set(index["weight_map"].values())), index
+    if (folder / "model.safetensors").is_file():
+        return ["model.safetensors"], None
+    found = sorted(p.name for p in folder.iterdir())
+    raise ValueError(f"{folder} has no safetensors weights (model.safetensors or its index); found {found}.")
+
+
+def _check_folders(input_dir: Path, output_dir: Path, overwrite: bool) -> dict:
+    if not (input_dir / "config.json").is_file():
+        raise ValueError(f"{input_dir} is not a checkpoint folder: it has no config.json.")
+    config = json.loads((input_dir / "config.json").read_text())
+    if config.get("model_type") not in SOURCE_KINDS:
+        raise ValueError(
+            f"{input_dir} holds a {config.get('model_type')!r} checkpoint; expected a text checkpoint of model_type "
+            f"{sorted(SOURCE_KINDS)}."
+        )
+    if output_dir.resolve() == input_dir.resolve() or input_dir.resolve() in output_dir.resolve().parents:
+        raise ValueError(f"The output folder {output_dir} must not be the input folder or inside it.")
+    if output_dir.exists() and any(output_dir.iterdir()) and not overwrite:
+        raise ValueError(f"The output folder {output_dir} exists and is not empty; pass overwrite=True to replace it.")
+    return config
+
+
+def convert_checkpoint(
+    input_dir: str | Path, output_dir: str | Path, dtype: torch.dtype | None = None, overwrite: bool = False
+) -> Path:
+    """Convert a saved Llama 4 text checkpoint folder to llama4x, or a llama4x one to Llama 4 (by its model_type).
+
+    Reads one safetensors shard at a time (memory bounded by the largest shard), writes the converted config,
+    shards, index and tokenizer/processor files into a temporary folder next to `output_dir`, and moves it into
+    place only when everything is written: a failure never leaves a partial checkpoint. The input is never
+    modified. `dtype` casts floating-point weights.
+    """
+    input_dir, output_dir = Path(input_dir), Path(output_dir)
+    source = SOURCE_KINDS[_check_folders(input_dir, output_dir, overwrite)["model_type"]]
+    shards, index = _weight_files(input_dir)
+    convert_tensor = text_tensor_from_llama4 if source == "llama4" else text_tensor_to_llama4
+
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.partial-", dir=output_dir.parent))
+    try:
+        _write_config(input_dir, staging, source, dtype)
+        weight_map = {}
+        total = sum(_shard_length(input_dir / shard) for shard in shards)
+        with tqdm(total=total, desc=f"Converting {source} -> {'llama4x' if source == 'llama4' else 'llama4'}") as bar:
+            for shard in shards:
+                converted = {}
+                with safe_open(input_dir / shard, framework="pt") as reader:
+                    for name in reader.keys():
+                        new_name, tensor = convert_tensor(name, reader.get_tensor(name))
+                        if (
+                            dtype is not None
+                            and tensor.is_floating_point()
+                            and not new_name.endswith("e_score_correction_bias")
+                        ):
+                            tensor = tensor.to(dtype)
+                        converted[new_name] = tensor
+                        weight_map[new_name] = shard
+                        bar.update(1)
+                save_file(converted, staging / shard, metadata={"format": "pt"})
+                del converted
+        if index is not None:
+            index = {**index, "weight_map": dict(sorted(weight_map.items()))}
+            (staging / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        for name in COPIED_FILES:
+            if (input_dir / name).is_file():
+                shutil.copy2(input_dir / name, staging / name)
+        if output_dir.exists():
+            shutil.rmtree(output_dir)
+        staging.rename(output_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return output_dir
+
+
+def _shard_length(path: Path) -> int:
+    with safe_open(path, framework="pt") as reader:
+        return len(reader.keys())
+
+
+def _write_config(input_dir: Path, output_dir: Path, source: str, dtype: torch.dtype | None) -> None:
+    if source == "llama4":
+        config = text_config_from_llama4(Llama4TextConfig.from_pretrained(input_dir))
+    else:
+        config = text_config_to_llama4(Llama4XTextConfig.from_pretrained(input_dir))
+    if dtype is not None:
+        config.dtype = dtype
+    if source == "llama4":
+        from .modeling_llama4x import Llama4XForCausalLM
+
+        with torch.device("meta"):  # only to copy the model code and write `auto_map` (trust_remote_code loading)
+            custom_object_save(Llama4XForCausalLM(config), output_dir, config=config)
+    config.architectures = ["Llama4XForCausalLM" if source == "llama4" else "Llama4ForCausalLM"]
+    config.save_pretrained(output_dir)
