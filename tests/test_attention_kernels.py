@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch._inductor.exc
 
+from llama4x.chunked_attention import BlockwiseChunks
 from tiny import random_ids, tiny_model
 
 # torch 2.13's inductor emits C++ that does not compile for flex attention's unpadded chunked mask on CPU
@@ -70,3 +71,29 @@ def test_chunked_layer_ignores_earlier_chunks_and_nope_layer_sees_them(kernel):
     assert own_chunk_diff > 1e-4, "chunked layer must see the change within its own chunk"
     nope_diff = (original[2][0, later] - modified[2][0, later]).abs().amin(dim=-1).min().item()
     assert nope_diff > 0.0, "the NoPE layer must see the earlier chunk at every later position"
+
+
+PADDINGS = {
+    "none": [],
+    "left": [(1, slice(0, 5))],
+    "right": [(0, slice(26, 30))],
+    "left_and_right": [(0, slice(0, 3)), (1, slice(20, 30))],
+    "hole_in_the_middle": [(1, slice(10, 13))],
+}
+
+
+@pytest.mark.parametrize("padding", PADDINGS.values(), ids=PADDINGS.keys())
+def test_blockwise_chunked_sdpa_matches_the_dense_masked_eager_reference(padding):
+    model = tiny_model()
+    input_ids = random_ids(2, 30)
+    attention_mask = torch.ones_like(input_ids)
+    for row, columns in padding:
+        attention_mask[row, columns] = 0
+    masks = model.model._attention_masks(model.model.embed_tokens(input_ids), attention_mask, None, None, 0)
+    blockwise = isinstance(masks["chunked_attention"], BlockwiseChunks)
+    assert blockwise == (padding != PADDINGS["hole_in_the_middle"]), "blockwise unless the real tokens have a hole"
+    reference = _logits(model, "eager", input_ids, attention_mask)
+    logits = _logits(model, "sdpa", input_ids, attention_mask)
+    real = attention_mask.bool()
+    diff = (logits - reference)[real].abs().max().item()
+    assert torch.allclose(logits[real], reference[real], rtol=1e-5, atol=1e-5), f"max diff {diff}"

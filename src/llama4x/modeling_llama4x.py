@@ -31,6 +31,7 @@ from .balancing import (
     token_mask_from_attention_mask,
     update_balancing_bias,
 )
+from .chunked_attention import BlockwiseChunks, blockwise_chunks_for
 from .configuration_llama4x import Llama4XTextConfig
 from .moe import Llama4XExperts, Llama4XMLP, Llama4XMoE
 
@@ -215,6 +216,10 @@ class Llama4XAttention(nn.Module):
         if cache is not None:
             key, value = cache.update(key, value, self.layer_idx)
 
+        dropout = self.attention_dropout if self.training else 0.0
+        if isinstance(attention_mask, BlockwiseChunks):
+            attn_output = attention_mask.attend(self, query, key, value, scaling=self.scaling, dropout=dropout)
+            return self.o_proj(attn_output.reshape(*input_shape, -1)), None
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward
         )
@@ -224,7 +229,7 @@ class Llama4XAttention(nn.Module):
             key,
             value,
             attention_mask,
-            dropout=self.attention_dropout if self.training else 0.0,
+            dropout=dropout,
             scaling=self.scaling,
             **kwargs,
         )
@@ -362,18 +367,13 @@ class Llama4XTextModel(Llama4XPreTrainedModel):
             inputs_embeds = self.embed_tokens(input_ids)  # (B, S, H)
         if use_cache and cache is None:
             cache = DynamicCache(config=self.config)
+        past_seen = cache.get_seq_length() if cache is not None else 0
         if position_ids is None:
-            past_seen = cache.get_seq_length() if cache is not None else 0
             position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen
             position_ids = position_ids.unsqueeze(0)  # (1, S)
-
         masks = attention_mask
         if not isinstance(masks, dict):  # `generate` may have prepared them already
-            mask_args = (self.config, inputs_embeds, attention_mask, cache)
-            makers = {"full_attention": create_causal_mask, "chunked_attention": create_chunked_causal_mask}
-            masks = {
-                kind: makers[kind](*mask_args, position_ids=position_ids) for kind in set(self.config.layer_types)
-            }
+            masks = self._attention_masks(inputs_embeds, attention_mask, cache, position_ids, past_seen)
 
         hidden_states = inputs_embeds
         position_embeddings = self.rotary_emb(hidden_states, position_ids)
@@ -397,6 +397,21 @@ class Llama4XTextModel(Llama4XPreTrainedModel):
             self._report_routing(output, router_logits, topk_indices, attention_mask, inputs_embeds.shape[:2],
                                  bool(output_router_logits))  # fmt: skip
         return output
+
+    def _attention_masks(self, inputs_embeds, attention_mask, cache, position_ids, past_seen) -> dict:
+        """One mask per layer type. Chunked layers under SDPA skip their dense (S, S) mask when they can be
+        computed blockwise (see `chunked_attention.py`)."""
+        masks = {}
+        if "chunked_attention" in self.config.layer_types and self.config._attn_implementation == "sdpa":
+            blockwise = blockwise_chunks_for(
+                attention_mask, inputs_embeds.shape[1], past_seen, self.config.attention_chunk_size
+            )
+            if blockwise is not None:
+                masks["chunked_attention"] = blockwise
+        makers = {"full_attention": create_causal_mask, "chunked_attention": create_chunked_causal_mask}
+        for kind in set(self.config.layer_types) - set(masks):
+            masks[kind] = makers[kind](self.config, inputs_embeds, attention_mask, cache, position_ids=position_ids)
+        return masks
 
     def _report_routing(self, output, router_logits, topk_indices, attention_mask, batch_shape, requested) -> None:
         """Expert loads, balancing losses and bias bookkeeping from the MoE layers' routing."""
