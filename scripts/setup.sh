@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Set up llama4x for development: a virtualenv, torch, and `pip install -e ".[dev]"`. Idempotent and fast on re-run.
+# Set up llama4x for development: a virtualenv, torch, and `pip install -e ".[dev,demo]"`. Idempotent, fast on re-run.
 #
 #   bash scripts/setup.sh            # then: .venv/bin/llama4x demo   /   .venv/bin/python -m pytest -q
 #   bash scripts/setup.sh --force    # reinstall llama4x even if the last install is up to date
@@ -66,8 +66,8 @@ else
     "$PY" -m pip install "torch==$TORCH_VERSION"
 fi
 
-# 3. llama4x itself (editable) with the dev extras. Skipped when the last successful install was from this checkout
-# and pyproject.toml has not changed since (the stamp lives inside the environment).
+# 3. llama4x itself (editable) with the dev and demo extras. Skipped when the last successful install was from this
+# checkout and pyproject.toml has not changed since (the stamp lives inside the environment).
 STAMP_FILE="$("$PY" -c 'import sys; print(sys.prefix)')/.llama4x-setup-stamp"
 STAMP="$("$PY" - "$REPO_ROOT" <<'EOF'
 import hashlib, sys
@@ -93,8 +93,8 @@ EOF
 if [[ "$FORCE" == 0 && -f "$STAMP_FILE" && "$(cat "$STAMP_FILE")" == "$STAMP" ]] && installed_here; then
     say "llama4x is already installed (editable, from this checkout, pyproject.toml unchanged); skipping pip"
 else
-    say "installing llama4x (editable) with the dev extras"
-    "$PY" -m pip install -e ".[dev]"
+    say "installing llama4x (editable) with the dev and demo extras (demo: scikit-learn, for the digits data)"
+    "$PY" -m pip install -e ".[dev,demo]"
     echo "$STAMP" > "$STAMP_FILE"
 fi
 

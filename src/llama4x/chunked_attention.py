@@ -71,7 +71,7 @@ def blockwise_chunks_for(
     """A `BlockwiseChunks` when a chunked layer can skip its dense mask here, else None: the whole sequence is
     processed at once (nothing cached before), it spans more than one chunk, and each row's real tokens are
     contiguous (left or right padding only; right padding needs no mask since causality never reaches it)."""
-    if past_seen != 0 or seq_len <= chunk_size:
+    if seq_len <= chunk_size or past_seen != 0:  # decoding steps leave here first (compile-friendly)
         return None
     if attention_mask is None:
         return BlockwiseChunks(chunk_size)

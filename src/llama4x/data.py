@@ -1,16 +1,29 @@
-"""Bundled data: text that ships with Python itself, so the demo and tests need no network.
+"""Bundled data: text and images that ship with installed packages, so the demo and tests need no network.
 
 `python_docs_texts()` returns the help topics of Python's own documentation (`pydoc_data.topics`), which every
 CPython install carries. `pack_token_ids` turns tokenized documents into the fixed-size blocks a causal LM trains on.
+
+`digits_vqa()` turns scikit-learn's bundled handwritten digits (the optional `demo` extra) into visual question
+answering records, and `DigitsCollator` turns those records into supervised batches for a `Llama4XProcessor` model.
 """
 
 from __future__ import annotations
 
 import random
 from collections.abc import Sequence
-from typing import TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from .tokenization import EOT_TOKEN
+
+if TYPE_CHECKING:
+    import torch
+
+    from .processing_llama4x import Llama4XProcessor
 
 T = TypeVar("T")
+
+DIGITS_QUESTION = "What digit is this?"
+IGNORE_INDEX = -100  # label of positions without loss (transformers' convention)
 
 
 def python_docs_texts() -> list[str]:
@@ -82,3 +95,119 @@ def pack_token_ids(
         blocks.append(block + [pad_id] * n_pad)
         masks.append([1] * len(block) + [0] * n_pad)
     return blocks, masks
+
+
+def digits_vqa(image_size: int = 32, test_fraction: float = 0.2) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """scikit-learn's 1,797 handwritten digit scans as `(train, test)` visual question answering records.
+
+    Each record is `{"image": PIL RGB image of image_size x image_size, "question": DIGITS_QUESTION, "answer": "7"}`.
+    The 8x8 scans (ink intensity 0..16) are drawn as dark ink on white and upsampled bilinearly with PIL.
+
+    The split is fixed, not random: the test split is the last `round(1797 * test_fraction)` scans in their
+    published order (359 with the default), the train split the rest (1,438); both are the same on every call.
+
+    Raises:
+        ImportError: if scikit-learn is missing (install the extra: `pip install 'llama4x[demo]'`).
+        ValueError: if `image_size` < 1 or `test_fraction` is not in (0, 1).
+    """
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError as error:
+        raise ImportError(
+            "digits_vqa needs scikit-learn, which is in llama4x's optional `demo` extra: "
+            "pip install 'llama4x[demo]' (or: pip install scikit-learn)"
+        ) from error
+    import numpy as np
+    from PIL import Image
+
+    if not isinstance(image_size, int) or image_size < 1:
+        raise ValueError(f"image_size={image_size!r} must be an int >= 1")
+    if not 0.0 < test_fraction < 1.0:
+        raise ValueError(f"test_fraction={test_fraction!r} must be in the open interval (0, 1)")
+    digits = load_digits()
+    ink = digits.images / 16.0  # (N, 8, 8) in [0, 1]
+    pixels = np.round(255.0 * (1.0 - ink)).astype(np.uint8)
+    records = [
+        {
+            "image": Image.fromarray(scan).resize((image_size, image_size), Image.BILINEAR).convert("RGB"),
+            "question": DIGITS_QUESTION,
+            "answer": str(int(label)),
+        }
+        for scan, label in zip(pixels, digits.target)
+    ]
+    n_test = round(len(records) * test_fraction)
+    return records[: len(records) - n_test], records[len(records) - n_test :]
+
+
+class DigitsCollator:
+    """Collate `digits_vqa` records into a batch for a model fed by a `Llama4XProcessor`.
+
+    Each sequence is the chat-templated prompt (a user turn with `<|image|>` and the question, then the assistant
+    header), followed, when `include_answer`, by the answer and `end_token` (`<|eot|>`, the end of an assistant turn
+    in `CHAT_TEMPLATE`). Prompt and answer are tokenized separately, so the supervised tokens are exactly the ones a
+    model generates after the prompt at inference.
+
+    Returns a dict of tensors: `input_ids` and `attention_mask` `(B, L)`, `pixel_values` `(total_tiles, 3, t, t)`
+    and, when `include_answer`, `labels` `(B, L)`: the answer and `end_token` ids, `-100` everywhere else (prompt,
+    image tokens, padding). Padding uses the tokenizer's pad token, on the right by default (training); use
+    `padding_side="left"` with `include_answer=False` to batch prompts for generation.
+    """
+
+    def __init__(
+        self,
+        processor: Llama4XProcessor,
+        padding_side: str = "right",
+        include_answer: bool = True,
+        end_token: str = EOT_TOKEN,
+    ):
+        if padding_side not in ("left", "right"):
+            raise ValueError(f"padding_side={padding_side!r} must be 'left' or 'right'")
+        tokenizer = processor.tokenizer
+        if tokenizer.pad_token_id is None:
+            raise ValueError("the processor's tokenizer has no pad token; set tokenizer.pad_token first")
+        self.processor = processor
+        self.padding_side = padding_side
+        self.include_answer = include_answer
+        self.end_token = end_token
+        self.pad_token_id = tokenizer.pad_token_id
+
+    def prompt(self, question: str) -> str:
+        """The chat-templated prompt for one question (ends with the assistant header)."""
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+        return self.processor.apply_chat_template(messages, add_generation_prompt=True)
+
+    def _pad(self, row: list[int], value: int, length: int) -> list[int]:
+        filler = [value] * (length - len(row))
+        return row + filler if self.padding_side == "right" else filler + row
+
+    def __call__(self, records: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        import torch
+
+        if not records:
+            raise ValueError("cannot collate an empty list of records")
+        prompts = [self.prompt(record["question"]) for record in records]
+        # The template already starts with <|begin_of_text|>.
+        encoded = self.processor(
+            text=prompts, images=[[record["image"]] for record in records], add_special_tokens=False
+        )
+        sequences, labels = [], []
+        for prompt_ids, record in zip(encoded["input_ids"], records):
+            answer_ids = []
+            if self.include_answer:
+                answer_ids = self.processor.tokenizer(record["answer"] + self.end_token, add_special_tokens=False)[
+                    "input_ids"
+                ]
+            sequences.append(list(prompt_ids) + answer_ids)
+            labels.append([IGNORE_INDEX] * len(prompt_ids) + answer_ids)
+
+        length = max(len(ids) for ids in sequences)
+        batch: dict[str, list[list[int]]] = {"input_ids": [], "attention_mask": [], "labels": []}
+        for ids, target in zip(sequences, labels):
+            batch["input_ids"].append(self._pad(ids, self.pad_token_id, length))
+            batch["attention_mask"].append(self._pad([1] * len(ids), 0, length))
+            batch["labels"].append(self._pad(target, IGNORE_INDEX, length))
+        out = {key: torch.tensor(value, dtype=torch.long) for key, value in batch.items()}
+        if not self.include_answer:
+            del out["labels"]
+        out["pixel_values"] = torch.as_tensor(encoded["pixel_values"])
+        return out

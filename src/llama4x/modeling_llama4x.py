@@ -281,6 +281,12 @@ class Llama4XDecoderLayer(GradientCheckpointingLayer):
         return hidden_states + self.residual_dropout(ffn_out), router_logits, topk_index
 
 
+def dense_attention_masks(config, inputs_embeds, attention_mask, cache, position_ids, kinds) -> dict:
+    """transformers' masks for the given layer types ("full_attention": causal, "chunked_attention": chunked)."""
+    makers = {"full_attention": create_causal_mask, "chunked_attention": create_chunked_causal_mask}
+    return {kind: makers[kind](config, inputs_embeds, attention_mask, cache, position_ids=position_ids) for kind in kinds}
+
+
 class Llama4XPreTrainedModel(PreTrainedModel):
     config_class = Llama4XTextConfig
     config: Llama4XTextConfig
@@ -293,6 +299,7 @@ class Llama4XPreTrainedModel(PreTrainedModel):
     _supports_flex_attn = True
     _supports_flash_attn = False  # chunked attention needs a mask flash-attn cannot express
     _supports_attention_backend = True
+    _can_compile_fullgraph = True
     # The balancing bias moves in steps of ~1e-3 that bfloat16 cannot represent around its typical values.
     _keep_in_fp32_modules_strict = ["e_score_correction_bias"]
     _can_record_outputs = {
@@ -313,6 +320,13 @@ class Llama4XPreTrainedModel(PreTrainedModel):
             init.normal_(module.down_proj, mean=0.0, std=std)
         elif isinstance(module, Llama4XAttention) and hasattr(module, "ssmax_scale"):
             init.constant_(module.ssmax_scale, self.config.scalable_softmax_init)
+
+    def create_masks_for_generate(self, config, inputs_embeds, attention_mask, position_ids=None, **kwargs) -> dict:
+        """The per-layer-type masks `generate` prepares for compilable (static) caches. transformers 5.17's generic
+        version passes `block_sequence_ids` to its chunked-mask function, which does not take it."""
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        kinds = set(config.layer_types)
+        return dense_attention_masks(config, inputs_embeds, attention_mask, cache, position_ids, kinds)
 
     def get_compiled_call(self, compile_config):
         # transformers returns the uncompiled call for every model_type containing "llama4" (which "llama4x" does);
@@ -401,17 +415,24 @@ class Llama4XTextModel(Llama4XPreTrainedModel):
     def _attention_masks(self, inputs_embeds, attention_mask, cache, position_ids, past_seen) -> dict:
         """One mask per layer type. Chunked layers under SDPA skip their dense (S, S) mask when they can be
         computed blockwise (see `chunked_attention.py`)."""
-        masks = {}
-        if "chunked_attention" in self.config.layer_types and self.config._attn_implementation == "sdpa":
-            blockwise = blockwise_chunks_for(
-                attention_mask, inputs_embeds.shape[1], past_seen, self.config.attention_chunk_size
+        kinds = set(self.config.layer_types)
+        if "chunked_attention" not in kinds:
+            return dense_attention_masks(self.config, inputs_embeds, attention_mask, cache, position_ids, kinds)
+        seq_len, chunk = inputs_embeds.shape[1], self.config.attention_chunk_size
+        if past_seen + seq_len <= chunk and not getattr(cache, "is_compileable", False):
+            # Everything seen so far fits in the first chunk: chunked attention is plain causal attention, and
+            # both cache kinds hold the same keys, so the causal mask (often none at all under SDPA) serves both.
+            masks = dense_attention_masks(
+                self.config, inputs_embeds, attention_mask, cache, position_ids, {"full_attention"}
             )
+            return {"full_attention": masks["full_attention"], "chunked_attention": masks["full_attention"]}
+        masks = {}
+        if self.config._attn_implementation == "sdpa":
+            blockwise = blockwise_chunks_for(attention_mask, seq_len, past_seen, chunk)
             if blockwise is not None:
                 masks["chunked_attention"] = blockwise
-        makers = {"full_attention": create_causal_mask, "chunked_attention": create_chunked_causal_mask}
-        for kind in set(self.config.layer_types) - set(masks):
-            masks[kind] = makers[kind](self.config, inputs_embeds, attention_mask, cache, position_ids=position_ids)
-        return masks
+        kinds -= set(masks)
+        return {**masks, **dense_attention_masks(self.config, inputs_embeds, attention_mask, cache, position_ids, kinds)}
 
     def _report_routing(self, output, router_logits, topk_indices, attention_mask, batch_shape, requested) -> None:
         """Expert loads, balancing losses and bias bookkeeping from the MoE layers' routing."""
@@ -455,6 +476,24 @@ class Llama4XTextModel(Llama4XPreTrainedModel):
         if load_LE is not None:
             self._window_load = torch.zeros_like(load_LE)
         return load_LE
+
+
+def causal_lm_loss(
+    loss_function: Callable,
+    logits: torch.Tensor,
+    labels: torch.LongTensor,
+    outputs: Llama4XModelOutput,
+    config: Llama4XTextConfig,
+    **kwargs,
+) -> torch.Tensor:
+    """The LM loss (`loss_function`: shifted cross-entropy, -100 ignored) plus the balancing losses the config weights
+    in, `router_aux_loss_coef * aux_loss + router_z_loss_coef * z_loss`. Shared by every llama4x LM head."""
+    loss = loss_function(logits=logits, labels=labels, vocab_size=config.vocab_size, **kwargs)
+    if config.router_aux_loss_coef > 0 and outputs.aux_loss is not None:
+        loss = loss + config.router_aux_loss_coef * outputs.aux_loss.to(loss.device)
+    if config.router_z_loss_coef > 0 and outputs.z_loss is not None:
+        loss = loss + config.router_z_loss_coef * outputs.z_loss.to(loss.device)
+    return loss
 
 
 class Llama4XForCausalLM(Llama4XPreTrainedModel, GenerationMixin):
@@ -502,11 +541,7 @@ class Llama4XForCausalLM(Llama4XPreTrainedModel, GenerationMixin):
         logits = self.lm_head(hidden_states[:, keep, :])  # (B, S_kept, V)
         loss = None
         if labels is not None:
-            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
-            if self.config.router_aux_loss_coef > 0 and outputs.aux_loss is not None:
-                loss = loss + self.config.router_aux_loss_coef * outputs.aux_loss.to(loss.device)
-            if self.config.router_z_loss_coef > 0 and outputs.z_loss is not None:
-                loss = loss + self.config.router_z_loss_coef * outputs.z_loss.to(loss.device)
+            loss = causal_lm_loss(self.loss_function, logits, labels, outputs, self.config, **kwargs)
         return Llama4XCausalLMOutput(
             loss=loss,
             aux_loss=outputs.aux_loss,

@@ -164,7 +164,7 @@ class Llama4XMoE(nn.Module):
             return self.experts(x_TH, routing.topk_index, weight_TK)
         # Llama 4 scales the expert input: each (token, expert) pair becomes its own row with weight 1.
         T, K = routing.topk_index.shape
-        pairs_SH = x_TH.repeat_interleave(K, dim=0) * weight_TK.reshape(-1, 1)
-        ones_S1 = torch.ones(T * K, 1, dtype=x_TH.dtype, device=x_TH.device)
+        pairs_SH = (x_TH if K == 1 else x_TH.repeat_interleave(K, dim=0)) * weight_TK.reshape(-1, 1)
+        ones_S1 = weight_TK.new_ones(()).expand(T * K, 1)
         out_SH = self.experts(pairs_SH, routing.topk_index.reshape(-1, 1), ones_S1)
-        return out_SH.view(T, K, -1).sum(dim=1)
+        return out_SH if K == 1 else out_SH.view(T, K, -1).sum(dim=1)

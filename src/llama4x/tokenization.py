@@ -12,6 +12,9 @@ Conventions:
 - BOS is added by the post-processor: `tokenizer(text)` / `tokenizer.encode(text)` start with `<|begin_of_text|>`
   (as Llama 4's tokenizer does); pass `add_special_tokens=False` to get the bare text ids. EOS is never added
   automatically; data packing (`llama4x.data.pack_token_ids`) appends it between documents.
+- Chat: `CHAT_TEMPLATE` (Llama 4's turn format, without tools) is stored on the trained tokenizer and is the default
+  template of `llama4x.Llama4XProcessor`. Every turn is `<|header_start|>{role}<|header_end|>\n\n{content}<|eot|>`;
+  the conversation starts with `<|begin_of_text|>`; an image content item renders as `<|image|>`.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ BOS_TOKEN = "<|begin_of_text|>"
 EOS_TOKEN = "<|end_of_text|>"
 PAD_TOKEN = "<|pad|>"
 IMAGE_TOKEN = "<|image|>"
+EOT_TOKEN = "<|eot|>"
 
 SPECIAL_TOKENS: list[str] = [
     BOS_TOKEN,
@@ -38,8 +42,31 @@ SPECIAL_TOKENS: list[str] = [
     "<|tile_y_separator|>",
     "<|header_start|>",
     "<|header_end|>",
-    "<|eot|>",
+    EOT_TOKEN,
 ]
+
+# Llama 4's turn layout. Content is a string or a list of `{"type": "text", "text": ...}` / `{"type": "image"}` items;
+# assistant turns (their `<|eot|>` included) are wrapped in `{% generation %}` so that
+# `apply_chat_template(..., return_assistant_tokens_mask=True)` marks exactly the tokens a model should learn to emit.
+CHAT_TEMPLATE = (
+    "{%- macro render(content) -%}"
+    "{%- if content is string -%}{{ content }}"
+    "{%- else -%}{%- for item in content -%}"
+    "{%- if item['type'] == 'image' -%}<|image|>"
+    "{%- elif item['type'] == 'text' -%}{{ item['text'] }}"
+    "{%- endif -%}"
+    "{%- endfor -%}{%- endif -%}"
+    "{%- endmacro -%}"
+    "{{- bos_token -}}"
+    "{%- for message in messages -%}"
+    "{{- '<|header_start|>' + message['role'] + '<|header_end|>\n\n' -}}"
+    "{%- if message['role'] == 'assistant' -%}"
+    "{%- generation -%}{{- render(message['content']) + '<|eot|>' -}}{%- endgeneration -%}"
+    "{%- else -%}{{- render(message['content']) + '<|eot|>' -}}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|header_start|>assistant<|header_end|>\n\n' -}}{%- endif -%}"
+)
 
 # Byte-level BPE starts from one symbol per byte value.
 BYTE_ALPHABET_SIZE = 256
@@ -63,8 +90,9 @@ def train_tokenizer(
             default.
 
     Returns:
-        The tokenizer, with `bos_token`, `eos_token` and `pad_token` set and the other `SPECIAL_TOKENS` registered
-        as extra special tokens. See the module docstring for the BOS convention.
+        The tokenizer, with `bos_token`, `eos_token` and `pad_token` set, the other `SPECIAL_TOKENS` registered
+        as extra special tokens and `CHAT_TEMPLATE` as its chat template. See the module docstring for the BOS
+        convention.
 
     Raises:
         ValueError: if `vocab_size` leaves no room for merges, `min_frequency` < 1, or `texts` is empty.
@@ -118,6 +146,7 @@ def train_tokenizer(
         pad_token=PAD_TOKEN,
         extra_special_tokens=[t for t in SPECIAL_TOKENS if t not in (BOS_TOKEN, EOS_TOKEN, PAD_TOKEN)],
         clean_up_tokenization_spaces=False,
+        chat_template=CHAT_TEMPLATE,
         **kwargs,
     )
 

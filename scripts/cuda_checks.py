@@ -1,0 +1,120 @@
+"""CUDA correctness checks, run on a GPU machine (CI has none): parity, experts kernels, cache, compiled decoding.
+
+PYTHONPATH=src python scripts/cuda_checks.py --out results/
+"""
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+from transformers import CompileConfig, Llama4ForCausalLM
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+from llama4x import Llama4XForCausalLM  # noqa: E402
+from llama4x.conversion import state_dict_from_llama4, text_config_from_llama4  # noqa: E402
+from test_conversion import llama4_text_config  # noqa: E402
+from tiny import random_ids, tiny_model  # noqa: E402
+
+
+def max_rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
+
+
+def parity(dtype: torch.dtype) -> float:
+    torch.manual_seed(0)
+    reference = Llama4ForCausalLM(llama4_text_config(num_experts_per_tok=2)).cuda().to(dtype).eval()
+    model = Llama4XForCausalLM(text_config_from_llama4(reference.config)).cuda().to(dtype).eval()
+    model.load_state_dict(state_dict_from_llama4(reference.state_dict()))
+    ids = random_ids(2, 40).cuda()
+    with torch.no_grad():
+        return max_rel_diff(model(input_ids=ids).logits, reference(input_ids=ids).logits)
+
+
+def experts_agreement() -> dict:
+    logits = {}
+    for impl in ("eager", "grouped_mm", "batched_mm"):
+        model = tiny_model(num_local_experts=16, moe_intermediate_size=64).cuda().to(torch.bfloat16)
+        model.set_experts_implementation(impl)
+        with torch.no_grad():
+            logits[impl] = model(input_ids=random_ids(4, 64).cuda()).logits
+    return {impl: max_rel_diff(value, logits["eager"]) for impl, value in logits.items()}
+
+
+def cache_equals_recompute() -> bool:
+    model = tiny_model().cuda()
+    ids = random_ids(2, 30).cuda()
+    kwargs = {"max_new_tokens": 16, "min_new_tokens": 16, "do_sample": False, "pad_token_id": 0}
+    return torch.equal(
+        model.generate(input_ids=ids, **kwargs), model.generate(input_ids=ids, use_cache=False, **kwargs)
+    )
+
+
+def blockwise_vs_eager(length: int = 4096) -> float:
+    model = tiny_model(attention_chunk_size=512, max_position_embeddings=8192).cuda()
+    ids = random_ids(1, length).cuda()
+    out = {}
+    with torch.no_grad():
+        for kernel in ("eager", "sdpa"):
+            model.set_attn_implementation(kernel)
+            out[kernel] = model(input_ids=ids).logits
+    return max_rel_diff(out["sdpa"], out["eager"])
+
+
+def compiled_decode() -> dict:
+    model = tiny_model(
+        hidden_size=1024, num_attention_heads=8, num_key_value_heads=2, head_dim=128, moe_intermediate_size=1024,
+        intermediate_size=2048, num_local_experts=16, num_experts_per_tok=1, vocab_size=32000,
+        attention_chunk_size=128, max_position_embeddings=4096,
+    ).cuda().to(torch.bfloat16)  # fmt: skip
+    ids = random_ids(1, 64, vocab=32000).cuda()
+    kwargs = {"max_new_tokens": 128, "min_new_tokens": 128, "do_sample": False, "pad_token_id": 0}
+    result = {}
+    eager = model.generate(input_ids=ids, **kwargs)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    model.generate(input_ids=ids, **kwargs)
+    torch.cuda.synchronize()
+    result["eager_tok_s"] = 128 / (time.perf_counter() - start)
+    compile_config = CompileConfig(fullgraph=True)
+    start = time.perf_counter()
+    compiled = model.generate(input_ids=ids, cache_implementation="static", compile_config=compile_config, **kwargs)
+    result["first_compiled_call_s"] = time.perf_counter() - start
+    for _ in range(2):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        compiled = model.generate(
+            input_ids=ids, cache_implementation="static", compile_config=compile_config, **kwargs
+        )
+        torch.cuda.synchronize()
+        result["compiled_tok_s"] = 128 / (time.perf_counter() - start)
+    result["compiled_call_used"] = hasattr(model, "_compiled_call")
+    result["same_tokens"] = torch.equal(eager, compiled)
+    return result
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--out", default="results")
+    args = parser.parse_args(argv)
+    checks = {
+        "device": torch.cuda.get_device_name(),
+        "parity_fp32_max_rel": parity(torch.float32),
+        "parity_bf16_max_rel": parity(torch.bfloat16),
+        "experts_bf16_max_rel_vs_eager": experts_agreement(),
+        "cache_equals_recompute": cache_equals_recompute(),
+        "blockwise_sdpa_vs_eager_4k_fp32_max_rel": blockwise_vs_eager(),
+    }
+    print(json.dumps(checks, indent=2), flush=True)
+    checks["compiled_decode"] = compiled_decode()
+    print(json.dumps(checks, indent=2), flush=True)
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    (Path(args.out) / "cuda_checks.json").write_text(json.dumps(checks, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

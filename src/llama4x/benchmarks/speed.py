@@ -1,0 +1,315 @@
+"""Speed and memory of llama4x beside transformers' Llama 4 and a dense Llama with the same active parameters.
+
+Every benchmark builds the three models in one process from the same shapes (llama4x and Llama 4 share the
+very same weights through `llama4x.conversion`), times them interleaved, and reports medians of repeats:
+
+- `moe_layer`: one MoE block, forward and forward+backward, against a dense SwiGLU as wide as the active experts;
+- `train`: whole-model forward+backward tokens/s;
+- `decode`: `generate` tokens/s after a prompt, batch 1 and 8;
+- `long_context`: prefill time and peak memory over sequence lengths (only the last position's logits).
+
+On CUDA the timings use CUDA events and peak memory is `torch.cuda.max_memory_allocated` above the weights.
+"""
+
+import json
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import transformers
+from tqdm.auto import tqdm
+from transformers import Llama4ForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers.models.llama4.modeling_llama4 import Llama4TextMoe
+
+from ..configuration_llama4x import Llama4XTextConfig
+from ..conversion import state_dict_to_llama4, text_config_to_llama4, text_tensor_to_llama4
+from ..modeling_llama4x import Llama4XForCausalLM
+from ..moe import Llama4XMLP, Llama4XMoE
+
+MODELS = ("llama4x", "transformers_llama4", "dense_llama")
+
+
+@dataclass
+class Shapes:
+    """A whole-model benchmark configuration (defaults: the CPU config of the performance issue)."""
+
+    hidden_size: int = 512
+    num_hidden_layers: int = 8
+    num_attention_heads: int = 8
+    num_key_value_heads: int = 2
+    moe_intermediate_size: int = 1024
+    num_local_experts: int = 16
+    num_experts_per_tok: int = 1
+    vocab_size: int = 32000
+    attention_chunk_size: int = 256
+    no_rope_layer_interval: int = 4
+
+    def llama4x_config(self) -> Llama4XTextConfig:
+        return Llama4XTextConfig(
+            **asdict(self),
+            head_dim=self.hidden_size // self.num_attention_heads,
+            intermediate_size=2 * self.moe_intermediate_size,
+            max_position_embeddings=1 << 21,
+            rope_parameters={"rope_type": "default", "rope_theta": 500000.0},
+        )
+
+    def dense_config(self) -> LlamaConfig:
+        """Llama with the same attention and an FFN as wide as the active experts (routed top-k + shared)."""
+        return LlamaConfig(
+            vocab_size=self.vocab_size,
+            hidden_size=self.hidden_size,
+            intermediate_size=(self.num_experts_per_tok + 1) * self.moe_intermediate_size,
+            num_hidden_layers=self.num_hidden_layers,
+            num_attention_heads=self.num_attention_heads,
+            num_key_value_heads=self.num_key_value_heads,
+            max_position_embeddings=1 << 21,
+        )
+
+
+@dataclass
+class Timer:
+    """Median wall time of a callable, synchronising CUDA around it."""
+
+    device: torch.device
+    repeats: int = 5
+    warmup: int = 1
+    samples: dict[str, list[float]] = field(default_factory=dict)
+
+    def measure(self, name: str, fn: Callable[[], object]) -> None:
+        if self.device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            seconds = start.elapsed_time(end) / 1000
+        else:
+            start_time = time.perf_counter()
+            fn()
+            seconds = time.perf_counter() - start_time
+        self.samples.setdefault(name, []).append(seconds)
+
+    def run_interleaved(self, fns: dict[str, Callable[[], object]], desc: str) -> dict[str, float]:
+        """Warm each up, then time them in turn `repeats` times; medians in seconds."""
+        for fn in fns.values():
+            for _ in range(self.warmup):
+                fn()
+        for _ in tqdm(range(self.repeats), desc=desc, leave=False):
+            for name, fn in fns.items():
+                self.measure(f"{desc}/{name}", fn)
+        return {name: statistics.median(self.samples[f"{desc}/{name}"]) for name in fns}
+
+
+def _peak_memory_gib(device: torch.device, fn: Callable[[], object]) -> float | None:
+    """Peak allocated memory during `fn` above what was allocated before it (CUDA only)."""
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - before) / 2**30
+
+
+def build_models(shapes: Shapes, dtype: torch.dtype, device: torch.device, which=MODELS) -> dict[str, torch.nn.Module]:
+    """The three models; Llama 4 gets llama4x's weights through the conversion."""
+    torch.manual_seed(0)
+    models = {}
+    with _building_on(device, dtype):  # multi-billion-parameter models: initialise in place, not on the CPU
+        ours = Llama4XForCausalLM(shapes.llama4x_config()).eval()
+        if "transformers_llama4" in which:
+            reference = Llama4ForCausalLM(text_config_to_llama4(ours.config)).eval()
+            reference.load_state_dict(state_dict_to_llama4(ours.state_dict()))
+            models["transformers_llama4"] = reference
+        if "dense_llama" in which:
+            models["dense_llama"] = LlamaForCausalLM(shapes.dense_config()).eval()
+    if "llama4x" in which:
+        models = {"llama4x": ours, **models}
+    return models
+
+
+@contextmanager
+def _building_on(device: torch.device, dtype: torch.dtype):
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def bench_moe_layer(
+    hidden: int, expert_size: int, experts: int, top_k: int, tokens: int, dtype: torch.dtype, device: torch.device,
+    repeats: int = 5,
+) -> dict:  # fmt: skip
+    """One MoE block (routed top-k + one shared expert) vs Llama 4's block vs a dense SwiGLU of the active width."""
+    config = Llama4XTextConfig(
+        hidden_size=hidden, moe_intermediate_size=expert_size, num_local_experts=experts, num_experts_per_tok=top_k,
+        num_hidden_layers=1, num_attention_heads=1, num_key_value_heads=1, head_dim=2, vocab_size=8,
+        intermediate_size=(top_k + 1) * expert_size,
+    )  # fmt: skip
+    config._experts_implementation = "grouped_mm"
+    torch.manual_seed(0)
+    with _building_on(device, dtype):
+        ours = Llama4XMoE(config)
+        for param in ours.parameters():
+            torch.nn.init.normal_(param, std=0.02)
+        reference = Llama4TextMoe(text_config_to_llama4(config))
+        reference.load_state_dict(_moe_state_to_llama4(ours.state_dict()))
+        dense = Llama4XMLP(config, config.intermediate_size)
+    blocks = {"llama4x": ours, "transformers_llama4": reference, "dense_llama": dense}
+    x = torch.randn(1, tokens, hidden, device=device, dtype=dtype)
+
+    def forward(block):
+        out = block(x)
+        return out[0] if isinstance(out, tuple) else out
+
+    def forward_backward(block):
+        x.requires_grad_(True)
+        forward(block).float().square().mean().backward()
+        x.grad = None
+        block.zero_grad(set_to_none=True)
+
+    timer = Timer(device, repeats)
+    with torch.no_grad():
+        fwd = timer.run_interleaved({n: (lambda b=b: forward(b)) for n, b in blocks.items()}, "moe_layer_fwd")
+    fwd_bwd = timer.run_interleaved(
+        {n: (lambda b=b: forward_backward(b)) for n, b in blocks.items()}, "moe_layer_fwd_bwd"
+    )
+    return {"forward_s": fwd, "forward_backward_s": fwd_bwd}
+
+
+def _moe_state_to_llama4(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    prefix = "layers.0.feed_forward."
+    converted = dict(text_tensor_to_llama4(prefix + name, tensor) for name, tensor in state.items())
+    return {name.removeprefix(prefix): tensor for name, tensor in converted.items()}
+
+
+def bench_train(
+    shapes: Shapes, batch: int, seq: int, dtype: torch.dtype, device: torch.device, repeats: int = 5
+) -> dict:
+    """Whole-model forward + backward on random tokens: seconds per step and tokens/s."""
+    models = build_models(shapes, dtype, device)
+    input_ids = torch.randint(0, shapes.vocab_size, (batch, seq), device=device)
+
+    def step(model):
+        model.train()
+        model(input_ids=input_ids, labels=input_ids).loss.backward()
+        model.zero_grad(set_to_none=True)
+
+    timer = Timer(device, repeats)
+    seconds = timer.run_interleaved({n: (lambda m=m: step(m)) for n, m in models.items()}, "train")
+    return {"step_s": seconds, "tokens_per_s": {n: batch * seq / s for n, s in seconds.items()}}
+
+
+def bench_decode(
+    shapes: Shapes, batch: int, prompt: int, new_tokens: int, dtype: torch.dtype, device: torch.device,
+    repeats: int = 3,
+) -> dict:  # fmt: skip
+    """Greedy `generate` of `new_tokens` after a `prompt`-token prompt: new tokens per second (whole batch)."""
+    models = build_models(shapes, dtype, device)
+    input_ids = torch.randint(0, shapes.vocab_size, (batch, prompt), device=device)
+    kwargs = {"max_new_tokens": new_tokens, "min_new_tokens": new_tokens, "do_sample": False, "pad_token_id": 0}
+    timer = Timer(device, repeats)
+    with torch.no_grad():
+        seconds = timer.run_interleaved(
+            {n: (lambda m=m: m.generate(input_ids=input_ids, **kwargs)) for n, m in models.items()}, "decode"
+        )
+    return {"generate_s": seconds, "tokens_per_s": {n: batch * new_tokens / s for n, s in seconds.items()}}
+
+
+def bench_long_context(
+    shapes: Shapes, lengths: list[int], dtype: torch.dtype, device: torch.device, repeats: int = 1,
+    which=MODELS,
+) -> dict:  # fmt: skip
+    """Prefill (batch 1, logits of the last position only) per sequence length: seconds and peak memory."""
+    models = build_models(shapes, dtype, device, which)
+    results = {}
+    for length in tqdm(lengths, desc="long context"):
+        input_ids = torch.randint(0, shapes.vocab_size, (1, length), device=device)
+        fns = {
+            n: (lambda m=m, ids=input_ids: m(input_ids=ids, logits_to_keep=1, use_cache=False))
+            for n, m in models.items()
+        }
+        with torch.no_grad():
+            seconds = Timer(device, repeats, warmup=0).run_interleaved(fns, f"prefill_{length}")
+            memory = {n: _peak_memory_gib(device, fn) for n, fn in fns.items()}
+        results[length] = {"prefill_s": seconds, "peak_gib": memory}
+    return results
+
+
+def environment(device: torch.device) -> dict:
+    """What the numbers were measured on."""
+    info = {
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "threads": torch.get_num_threads(),
+        "date": time.strftime("%Y-%m-%d"),
+    }
+    return info
+
+
+def save_results(results: dict, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=2, default=str))
+    return path
+
+
+def ratios(values: dict[str, float], baseline: str = "dense_llama") -> dict[str, float]:
+    """Each value divided by the baseline's (times: > 1 is slower than the baseline)."""
+    return {name: value / values[baseline] for name, value in values.items()}
+
+
+GPU_SHAPES = Shapes(
+    hidden_size=2048, num_hidden_layers=12, num_attention_heads=16, num_key_value_heads=4,
+    moe_intermediate_size=4096, num_local_experts=16, num_experts_per_tok=1, vocab_size=32000,
+    attention_chunk_size=8192, no_rope_layer_interval=4,
+)  # fmt: skip
+
+
+def run_suite(out: str | Path, device: str = "cpu", quick: bool = False) -> dict:
+    """The performance issue's benchmark set for `device` (`cpu`: the tiny 16-expert config; `cuda`: Scout-shape
+    MoE layers and the 12-layer H200 config), written to `out/speed_<device>.json` after every section."""
+    device = torch.device(device)
+    cuda = device.type == "cuda"
+    dtype = torch.bfloat16 if cuda else torch.float32
+    shapes = GPU_SHAPES if cuda else Shapes()
+    path = Path(out) / f"speed_{device.type}.json"
+    results = {"environment": environment(device), "shapes": asdict(shapes), "dtype": str(dtype)}
+    batch, seq = (2, 4096) if cuda else (4, 512)
+    prompt, new_tokens = (512 if cuda else 64), (32 if quick else 128)
+    lengths = [32768, 65536, 131072] if cuda else [4096, 8192, 16384]
+    sections = {
+        "moe_layer": lambda: (
+            {
+                "scout_16x8192_top1": bench_moe_layer(5120, 8192, 16, 1, 8192, dtype, device),
+                "fine_grained_64x1024_top2": bench_moe_layer(2048, 1024, 64, 2, 8192, dtype, device),
+            }
+            if cuda
+            else {"tiny_16x1024_top1": bench_moe_layer(512, 1024, 16, 1, 2048, dtype, device)}
+        ),
+        "train": lambda: bench_train(shapes, batch, seq, dtype, device, repeats=3 if quick else 5),
+        "decode_bs1": lambda: bench_decode(shapes, 1, prompt, new_tokens, dtype, device),
+        "decode_bs8": lambda: bench_decode(shapes, 8, prompt, new_tokens, dtype, device),
+        "long_context": lambda: bench_long_context(shapes, lengths[:1] if quick else lengths, dtype, device),
+    }
+    if cuda and not quick:
+        sections["long_context_1m_llama4x"] = lambda: bench_long_context(
+            shapes, [1 << 20], dtype, device, which=("llama4x",)
+        )
+    for name, section in sections.items():
+        results[name] = section()
+        save_results(results, path)
+        if cuda:
+            torch.cuda.empty_cache()
+    return results

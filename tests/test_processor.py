@@ -1,0 +1,296 @@
+"""Tests for Llama4XProcessor: image-token expansion (layout, counts, parity with transformers' Llama4Processor),
+placeholder/image mismatches, chat template, tokenizer.json compatibility, save/load."""
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from tokenizers import Tokenizer, models
+from transformers import AutoProcessor, Llama4Processor, PreTrainedTokenizerFast
+
+from llama4x import Llama4XImageProcessor, Llama4XProcessor
+from llama4x.data import python_docs_texts
+from llama4x.tokenization import BOS_TOKEN, CHAT_TEMPLATE, EOS_TOKEN, PAD_TOKEN, train_tokenizer
+
+TILE, PATCH, SHUFFLE = 28, 7, 0.5
+TOKENS_PER_TILE = 4  # (28 // 7) ** 2 * 0.5 ** 2
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return train_tokenizer(python_docs_texts()[:5], vocab_size=400)
+
+
+def make_processor(tokenizer, tile=TILE, patch_size=PATCH, pixel_shuffle_ratio=SHUFFLE, **image_kwargs):
+    image_processor = Llama4XImageProcessor(size=tile, **{"max_patches": 4, **image_kwargs})
+    return Llama4XProcessor(image_processor, tokenizer, patch_size=patch_size, pixel_shuffle_ratio=pixel_shuffle_ratio)
+
+
+@pytest.fixture(scope="module")
+def processor(tokenizer):
+    return make_processor(tokenizer)
+
+
+def image(height, width, color=(30, 60, 90)):
+    return Image.new("RGB", (width, height), color)
+
+
+def model_tokens_per_tile(image_size: int, patch_size: int, pixel_shuffle_ratio: float) -> int:
+    """What the vision tower emits per tile: (image_size // patch_size)^2 patches, pixel shuffle keeps ratio^2."""
+    return round((image_size // patch_size) ** 2 * pixel_shuffle_ratio**2)
+
+
+P, X, Y = "<|patch|>", "<|tile_x_separator|>", "<|tile_y_separator|>"
+
+
+@pytest.mark.parametrize(
+    "grid, expected",
+    [
+        ((1, 1), "<|image_start|><|image|>" + P * 4 + "<|image_end|>"),
+        ((1, 2), "<|image_start|>" + P * 4 + X + P * 4 + Y + "<|image|>" + P * 4 + "<|image_end|>"),
+        (
+            (2, 3),
+            "<|image_start|>" + (P * 4 + X + P * 4 + X + P * 4 + Y) * 2 + "<|image|>" + P * 4 + "<|image_end|>",
+        ),
+        ((3, 1), "<|image_start|>" + (P * 4 + Y) * 3 + "<|image|>" + P * 4 + "<|image_end|>"),
+    ],
+)
+def test_image_token_string_is_llama4s_layout(processor, grid, expected):
+    assert processor.image_token_string(grid) == expected
+
+
+@pytest.mark.parametrize(
+    "tile, patch_size, ratio", [(28, 7, 0.5), (28, 14, 1.0), (32, 4, 0.5), (28, 7, 1.0), (336, 14, 0.5)]
+)
+def test_patch_token_count_equals_what_the_vision_tower_emits(tokenizer, tile, patch_size, ratio):
+    processor = make_processor(tokenizer, tile=tile, patch_size=patch_size, pixel_shuffle_ratio=ratio)
+    per_tile = model_tokens_per_tile(tile, patch_size, ratio)
+    assert processor.tokens_per_tile == per_tile
+    images = [image(tile // 3, tile // 2), image(tile, 3 * tile), image(2 * tile, 2 * tile)]
+    out = processor(text="a <|image|> b <|image|><|image|> c", images=images)
+    ids = out["input_ids"][0]
+    grids = processor.image_processor(images)["aspect_ratios"].tolist()
+    assert grids == [[1, 1], [1, 3], [2, 2]]
+    total_tiles = sum(r * c + (r * c > 1) for r, c in grids)
+    assert out["pixel_values"].shape == (total_tiles, 3, tile, tile)
+    token = processor.tokenizer.convert_tokens_to_ids
+    assert ids.count(token(P)) == total_tiles * per_tile
+    assert ids.count(token(X)) == sum(r * (c - 1) for r, c in grids if r * c > 1)
+    assert ids.count(token(Y)) == sum(r for r, c in grids if r * c > 1)
+    assert ids.count(token("<|image_start|>")) == ids.count(token("<|image_end|>")) == 3
+    assert ids.count(token("<|image|>")) == 3  # one global marker per image, placeholders all replaced
+
+
+def test_matches_transformers_llama4_processor(tokenizer, processor):
+    """transformers' Llama4Processor (with our image processor and tokenizer) expands text to the same ids."""
+    reference = Llama4Processor(
+        image_processor=processor.image_processor, tokenizer=tokenizer, patch_size=PATCH, pixel_shuffle_ratio=SHUFFLE
+    )
+    images = [image(10, 10), image(100, 200), image(90, 30), image(40, 40)]
+    text = "one <|image|> two <|image|>\n three <|image|><|image|> end"
+    ours, theirs = processor(text=text, images=images), reference(text=text, images=images)
+    assert ours["input_ids"] == theirs["input_ids"]
+    np.testing.assert_array_equal(np.asarray(ours["pixel_values"]), np.asarray(theirs["pixel_values"]))
+
+
+def test_batches_with_images_per_text_and_padding(processor):
+    texts = ["<|image|> what?", "no image here", "<|image|> and <|image|>"]
+    per_text = [[image(10, 10)], [], [image(100, 200), image(90, 30)]]
+    out = processor(text=texts, images=per_text, padding=True, return_tensors="pt")
+    flat = processor(
+        text=texts, images=[im for sample in per_text for im in sample], padding=True, return_tensors="pt"
+    )
+    assert torch.equal(out["input_ids"], flat["input_ids"])
+    assert torch.equal(out["pixel_values"], flat["pixel_values"])
+    assert out["input_ids"].shape == out["attention_mask"].shape and out["input_ids"].shape[0] == 3
+    assert out["pixel_values"].shape == (1 + 3 + 4, 3, TILE, TILE) and out["pixel_values"].dtype == torch.float32
+    lengths = out["attention_mask"].sum(-1).tolist()
+    unpadded = [processor(text=t, images=i or None)["input_ids"][0] for t, i in zip(texts, per_text)]
+    assert lengths == [len(ids) for ids in unpadded]
+    assert out["input_ids"][1, lengths[1] :].eq(processor.tokenizer.pad_token_id).all()  # right padding by default
+
+
+def test_text_only_and_images_only_calls(processor, tokenizer):
+    assert processor(text="plain text")["input_ids"] == tokenizer(["plain text"])["input_ids"]
+    assert set(processor(text=["a", "b"], images=[[], []])) == {"input_ids", "attention_mask"}  # no image per text
+    out = processor(images=[image(10, 10), image(100, 200)], return_tensors="pt")
+    assert set(out) == {"pixel_values", "aspect_ratios"} and out["pixel_values"].shape[0] == 4
+
+
+@pytest.mark.parametrize(
+    "text, images, message",
+    [
+        ("<|image|> <|image|>", [image(5, 5)], r"text has 2 <\|image\|> placeholder\(s\) but 1 image\(s\)"),
+        ("no placeholder", [image(5, 5)], r"text has 0 <\|image\|> placeholder\(s\) but 1 image\(s\)"),
+        ("<|image|>", None, r"text has 1 <\|image\|> placeholder\(s\) but 0 images"),
+        (["<|image|>", "x"], [[], [image(5, 5)]], r"Text 0 has 1 <\|image\|> placeholder\(s\) but 0 image\(s\)"),
+        (["<|image|>", "x"], [[image(5, 5)], [image(5, 5)]], r"Text 1 has 0 .* but 1 image\(s\)"),
+        (["a", 3], None, "must be a str or a list of str"),
+        ("<|image|>", ["not an image"], "got str"),
+    ],
+)
+def test_placeholder_image_mismatches_raise(processor, text, images, message):
+    with pytest.raises(ValueError, match=message):
+        processor(text=text, images=images)
+
+
+def test_videos_and_audio_are_refused(processor):
+    with pytest.raises(ValueError, match="text and images only"):
+        processor(text="x", videos=[np.zeros((2, 4, 4, 3))])
+
+
+@pytest.mark.parametrize(
+    "patch_size, ratio, message",
+    [
+        (5, 0.5, r"Tile size 28 does not fit patch_size=5"),
+        (14, 0.25, r"tile_size // patch_size \(2\) a multiple of 1 / pixel_shuffle_ratio \(4\)"),
+        (7, 0.3, r"`pixel_shuffle_ratio`=0.3"),
+        (0, 0.5, r"`patch_size`=0"),
+    ],
+)
+def test_inconsistent_patch_settings_raise(tokenizer, patch_size, ratio, message):
+    with pytest.raises(ValueError, match=message):
+        make_processor(tokenizer, patch_size=patch_size, pixel_shuffle_ratio=ratio)
+
+
+def test_call_time_tile_size_changes_the_token_count(processor):
+    out = processor(text="<|image|>", images=[image(5, 5)], size={"height": 56, "width": 56})
+    assert out["pixel_values"].shape == (1, 3, 56, 56)
+    assert out["input_ids"][0].count(processor.patch_token_id) == model_tokens_per_tile(56, PATCH, SHUFFLE)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Chat template.
+
+MESSAGES = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What digit is this?"}]},
+    {"role": "assistant", "content": [{"type": "text", "text": "7"}]},
+    {"role": "user", "content": "And this one? "},
+]
+
+
+def test_chat_template_renders_llama4_turns(processor, tokenizer):
+    expected = (
+        "<|begin_of_text|>"
+        "<|header_start|>system<|header_end|>\n\nBe brief.<|eot|>"
+        "<|header_start|>user<|header_end|>\n\n<|image|>What digit is this?<|eot|>"
+        "<|header_start|>assistant<|header_end|>\n\n7<|eot|>"
+        "<|header_start|>user<|header_end|>\n\nAnd this one? <|eot|>"
+    )
+    assert processor.apply_chat_template(MESSAGES) == expected
+    prompt = expected + "<|header_start|>assistant<|header_end|>\n\n"
+    assert processor.apply_chat_template(MESSAGES, add_generation_prompt=True) == prompt
+    assert tokenizer.apply_chat_template(MESSAGES, add_generation_prompt=True, tokenize=False) == prompt
+    assert processor.chat_template == tokenizer.chat_template == CHAT_TEMPLATE
+
+
+def test_chat_template_tokenizes_with_images(processor):
+    messages = [
+        {"role": "user", "content": [{"type": "image", "image": image(100, 200)}, {"type": "text", "text": "?"}]}
+    ]
+    out = processor.apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
+    )
+    text = processor.apply_chat_template(messages, add_generation_prompt=True)
+    direct = processor(text=text, images=[image(100, 200)], add_special_tokens=False, return_tensors="pt")
+    assert torch.equal(out["input_ids"], direct["input_ids"])
+    assert torch.equal(out["pixel_values"], direct["pixel_values"])
+    assert out["input_ids"][0].tolist().count(processor.tokenizer.bos_token_id) == 1
+
+
+def test_assistant_tokens_mask_marks_the_answer_and_eot(processor):
+    messages = [{"role": "user", "content": "Which digit?"}, {"role": "assistant", "content": "7"}]
+    out = processor.apply_chat_template(messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+    ids, mask = out["input_ids"][0], out["assistant_masks"][0]
+    assert processor.decode([i for i, m in zip(ids, mask) if m]) == "7<|eot|>"
+
+
+def test_replacement_offsets_locate_each_expansion(processor):
+    text = "ab<|image|>cd<|image|>"
+    out = processor(text=text, images=[image(5, 5), image(100, 200)], return_text_replacement_offsets=True)
+    offsets = out["text_replacement_offsets"][0]
+    expanded = processor.tokenizer.decode(out["input_ids"][0], skip_special_tokens=False)[len(BOS_TOKEN) :]
+    assert [o["span"] for o in offsets] == [(2, 11), (13, 22)]
+    for record in offsets:
+        start, end = record["new_span"]
+        assert expanded[start:end] == record["replacement"]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Tokenizer compatibility and save/load.
+
+
+def test_any_compatible_tokenizer_json_works(tokenizer, processor, tmp_path):
+    tokenizer.save_pretrained(tmp_path)
+    loaded = PreTrainedTokenizerFast(
+        tokenizer_file=str(tmp_path / "tokenizer.json"), bos_token=BOS_TOKEN, eos_token=EOS_TOKEN, pad_token=PAD_TOKEN
+    )
+    other = Llama4XProcessor(processor.image_processor, loaded, patch_size=PATCH, pixel_shuffle_ratio=SHUFFLE)
+    kwargs = {"text": ["<|image|> hello", "x"], "images": [image(90, 30)], "padding": True}
+    assert other(**kwargs)["input_ids"] == processor(**kwargs)["input_ids"]
+
+
+def test_tokenizer_without_the_image_tokens_is_refused(processor):
+    bare = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer(models.WordLevel({"[UNK]": 0, "a": 1, "<|image|>": 2}, unk_token="[UNK]")),
+        unk_token="[UNK]",
+    )
+    with pytest.raises(ValueError, match=r"tokenizer has no special token '<\|image_start\|>'"):
+        Llama4XProcessor(processor.image_processor, bare)
+
+
+def test_save_and_load_round_trip(tokenizer, tmp_path):
+    processor = make_processor(tokenizer, tile=32, patch_size=4, max_patches=6)
+    processor.save_pretrained(tmp_path)
+    for loaded in (AutoProcessor.from_pretrained(tmp_path), Llama4XProcessor.from_pretrained(tmp_path)):
+        assert type(loaded) is Llama4XProcessor and type(loaded.image_processor) is Llama4XImageProcessor
+        assert (loaded.patch_size, loaded.pixel_shuffle_ratio, loaded.tokens_per_tile) == (4, 0.5, 16)
+        assert loaded.image_processor.to_dict() == processor.image_processor.to_dict()
+        assert loaded.chat_template == processor.chat_template
+        assert loaded.tokenizer.get_vocab() == tokenizer.get_vocab()
+        kwargs = {"text": ["<|image|> hi", "<|image|>"], "images": [image(50, 120), image(3, 3)], "padding": True}
+        ours, theirs = loaded(**kwargs), processor(**kwargs)
+        assert ours["input_ids"] == theirs["input_ids"]
+        np.testing.assert_array_equal(ours["pixel_values"], theirs["pixel_values"])
+
+
+def test_saved_folder_loads_with_trust_remote_code_without_llama4x(processor, tmp_path):
+    processor.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "processor_config.json").read_text())
+    assert config["auto_map"]["AutoProcessor"] == "processing_llama4x.Llama4XProcessor"
+    assert (tmp_path / "processing_llama4x.py").exists() and (tmp_path / "tokenization.py").exists()
+    kwargs = {"text": "a <|image|>", "images": [image(100, 50)]}
+    expected = processor(**kwargs)["input_ids"]
+    script = textwrap.dedent(
+        f"""
+        import sys, importlib.abc
+
+        class BlockLlama4x(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path, target=None):
+                if name == "llama4x" or name.startswith("llama4x."):
+                    raise ImportError("llama4x is not installed here")
+
+        sys.meta_path.insert(0, BlockLlama4x())
+        from PIL import Image
+        from transformers import AutoProcessor
+        processor = AutoProcessor.from_pretrained({str(tmp_path)!r}, trust_remote_code=True)
+        ids = processor(text="a <|image|>", images=[Image.new("RGB", (50, 100), (30, 60, 90))])["input_ids"]
+        assert "llama4x" not in sys.modules
+        assert ids == {expected!r}, ids
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_decode_and_batch_decode_delegate_to_the_tokenizer(processor, tokenizer):
+    ids = processor(text=["<|image|> seven", "x"], images=[image(5, 5)], padding=True)["input_ids"]
+    assert processor.batch_decode(ids, skip_special_tokens=True) == [" seven", "x"]
+    assert processor.decode(ids[0]) == tokenizer.decode(ids[0])
+    assert processor.model_input_names == ["input_ids", "attention_mask", "pixel_values"]
