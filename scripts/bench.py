@@ -16,12 +16,13 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--out", default="benchmarks/results", help="folder for speed_<device>.json")
     parser.add_argument("--quick", action="store_true", help="fewer repeats and lengths")
+    parser.add_argument("--only", nargs="*", help="run only these sections (e.g. train decode_bs1)")
     return parser
 
 
 def main(argv=None) -> int:
     args = make_parser().parse_args(argv)
-    results = run_suite(args.out, device=args.device, quick=args.quick)
+    results = run_suite(args.out, device=args.device, quick=args.quick, only=args.only)
     print(json.dumps(results, indent=2, default=str))
     return 0
 

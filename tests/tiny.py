@@ -2,7 +2,13 @@
 
 import torch
 
-from llama4x import Llama4XForCausalLM, Llama4XTextConfig
+from llama4x import (
+    Llama4XConfig,
+    Llama4XForCausalLM,
+    Llama4XForConditionalGeneration,
+    Llama4XTextConfig,
+    Llama4XVisionConfig,
+)
 
 
 def tiny_text_config(**overrides) -> Llama4XTextConfig:
@@ -43,3 +49,42 @@ def random_ids(batch: int, length: int, vocab: int = 97, seed: int = 0) -> torch
     """Token ids in [3, vocab): never pad/bos/eos."""
     generator = torch.Generator().manual_seed(seed)
     return torch.randint(3, vocab, (batch, length), generator=generator)
+
+
+# Special tokens of `tiny_multimodal_config`; text ids of its tests start after them.
+BOI_ID, EOI_ID, IMAGE_ID = 3, 4, 5
+FIRST_TEXT_ID = 6
+
+
+def tiny_multimodal_config(
+    fusion: str = "encoder", vision_overrides: dict | None = None, **text_overrides
+) -> Llama4XConfig:
+    """`tiny_text_config` plus a tiny vision front-end: 32-pixel tiles of 4x4 patches of 8 pixels; "encoder" is a
+    2-layer ViT (hidden 32, 4 heads, pixel shuffle 0.5: 4 tokens per tile), "patch" projects the 16 raw patches."""
+    vision = {
+        "fusion": fusion,
+        "image_size": 32,
+        "patch_size": 8,
+        "hidden_size": 32,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "intermediate_size": 128,
+        "pixel_shuffle_ratio": 0.5,
+        "projector_input_dim": 64,
+        "projector_output_dim": 64,
+        "vision_output_dim": 64,
+    }
+    vision.update(vision_overrides or {})
+    return Llama4XConfig(
+        text_config=tiny_text_config(**text_overrides),
+        vision_config=Llama4XVisionConfig(**vision),
+        image_token_id=IMAGE_ID,
+        boi_token_id=BOI_ID,
+        eoi_token_id=EOI_ID,
+    )
+
+
+def tiny_multimodal_model(fusion: str = "encoder", seed: int = 0, **text_overrides) -> Llama4XForConditionalGeneration:
+    """A tiny random `Llama4XForConditionalGeneration` (`tiny_multimodal_config`) in eval mode, fixed-seed weights."""
+    torch.manual_seed(seed)
+    return Llama4XForConditionalGeneration(tiny_multimodal_config(fusion, **text_overrides)).eval()

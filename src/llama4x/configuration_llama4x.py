@@ -8,6 +8,7 @@ import copy
 from typing import Any
 
 from huggingface_hub.dataclasses import strict
+from transformers.activations import ACT2FN
 from transformers.configuration_utils import PreTrainedConfig
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
@@ -16,6 +17,7 @@ QK_NORM_TYPES = ("none", "l2", "rms")
 ROUTER_SCORE_FUNCS = ("sigmoid", "softmax")
 NORM_PLACEMENTS = ("pre", "post")
 AUX_LOSS_TYPES = ("global", "sequence")
+FUSION_TYPES = ("encoder", "patch")
 
 
 def _fail(field: str, value: Any, expected: str) -> None:
@@ -291,32 +293,191 @@ class Llama4XTextConfig(PreTrainedConfig):
 
 
 @strict
+class Llama4XVisionConfig(PreTrainedConfig):
+    r"""
+    Vision front-end of llama4x: how an image tile becomes a run of embeddings in the decoder's input sequence.
+
+    fusion: `"encoder"` (Llama 4 / MetaCLIP-style ViT: unfold patch embedding, class token, learned positions, pre-norm
+        layers with 2-D RoPE, pixel shuffle, MLP adapter) or `"patch"` (Fuyu-style: the raw pixels of each patch go
+        straight to the projector; no encoder). The multimodal projector (a linear map into the text hidden size)
+        follows either.
+    Both:
+        image_size: side of a (square) tile in pixels; patch_size: side of a patch; num_channels: colour channels.
+    `"encoder"` only (ignored, and not validated, for `"patch"`):
+        hidden_size, num_hidden_layers, num_attention_heads, intermediate_size, hidden_act, norm_eps (LayerNorm),
+        attention_dropout: the ViT layers; attention is bidirectional.
+        rope_theta: base of the 2-D rotary embedding (half of each head's pairs rotate with the patch column, half
+            with the row; the class token is not rotated).
+        pixel_shuffle_ratio: the adapter merges each `(1/r) x (1/r)` block of patches into one token of width
+            `hidden_size / r**2`, so a tile gives `(image_size / patch_size)**2 * r**2` tokens.
+        projector_input_dim, projector_output_dim: widths of the adapter MLP's two layers (`fc1`, `fc2`).
+        vision_output_dim: width of the features the multimodal projector receives, i.e. `projector_output_dim`
+            (Llama 4 stores both; they must agree).
+        initializer_range: std of the normal init of the tower's linear layers.
+    """
+
+    model_type = "llama4x_vision"
+    base_config_key = "vision_config"
+
+    fusion: str = "encoder"
+    image_size: int = 336
+    patch_size: int = 14
+    num_channels: int = 3
+    hidden_size: int = 1408
+    num_hidden_layers: int = 34
+    num_attention_heads: int = 16
+    intermediate_size: int = 5632
+    hidden_act: str = "gelu"
+    norm_eps: float = 1e-5
+    pixel_shuffle_ratio: float = 0.5
+    projector_input_dim: int = 4096
+    projector_output_dim: int = 4096
+    vision_output_dim: int = 4096
+    rope_theta: float | int = 10000.0
+    initializer_range: float = 0.02
+    attention_dropout: float | int = 0.0
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        self._validate()
+
+    def _validate(self) -> None:
+        if self.fusion not in FUSION_TYPES:
+            _fail("fusion", self.fusion, f"one of {FUSION_TYPES}")
+        _check_positive(self, "image_size", "patch_size", "num_channels")
+        if self.image_size % self.patch_size != 0:
+            _fail("patch_size", self.patch_size, f"a divisor of image_size={self.image_size}")
+        if self.fusion == "encoder":
+            self._validate_encoder()
+
+    def _validate_encoder(self) -> None:
+        _check_positive(
+            self, "hidden_size", "num_attention_heads", "intermediate_size", "projector_input_dim",
+            "projector_output_dim", "vision_output_dim", "norm_eps", "rope_theta",
+        )  # fmt: skip
+        if self.num_hidden_layers < 0:
+            _fail("num_hidden_layers", self.num_hidden_layers, "a number of layers >= 0")
+        if self.hidden_size % self.num_attention_heads != 0:
+            _fail("num_attention_heads", self.num_attention_heads, f"a divisor of hidden_size={self.hidden_size}")
+        if self.head_dim % 4 != 0:
+            _fail(
+                "num_attention_heads",
+                self.num_attention_heads,
+                f"a head count leaving head_dim={self.head_dim} divisible by 4 (2-D RoPE turns pairs along two axes)",
+            )
+        if self.hidden_act not in ACT2FN:
+            _fail("hidden_act", self.hidden_act, "an activation name known to transformers' ACT2FN")
+        _check_probability(self, "attention_dropout")
+        ratio, side = self.pixel_shuffle_ratio, self.image_size // self.patch_size
+        if not 0.0 < ratio <= 1.0:
+            _fail("pixel_shuffle_ratio", ratio, "a ratio in (0, 1]")
+        # The sizes pixel shuffle reshapes to; each must be a whole number.
+        for size in (side * ratio, self.hidden_size / ratio, self.hidden_size / ratio**2):
+            if not float(size).is_integer():
+                _fail(
+                    "pixel_shuffle_ratio",
+                    ratio,
+                    f"a ratio giving whole sizes for a {side}x{side} patch grid of hidden_size={self.hidden_size}"
+                    f" (got {size})",
+                )
+        if self.vision_output_dim != self.projector_output_dim:
+            _fail(
+                "vision_output_dim",
+                self.vision_output_dim,
+                f"projector_output_dim={self.projector_output_dim} (the projector reads the adapter's output)",
+            )
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def num_patches(self) -> int:
+        """Patches per tile, `(image_size / patch_size)**2`."""
+        return (self.image_size // self.patch_size) ** 2
+
+    @property
+    def tokens_per_tile(self) -> int:
+        """Image embeddings (placeholder tokens) per tile: patches after pixel shuffle, or all patches for "patch"."""
+        if self.fusion == "patch":
+            return self.num_patches
+        return round(self.num_patches * self.pixel_shuffle_ratio**2)
+
+    @property
+    def output_dim(self) -> int:
+        """Width of the per-token features the multimodal projector maps into the text hidden size."""
+        if self.fusion == "patch":
+            return self.num_channels * self.patch_size**2
+        return self.vision_output_dim
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> "Llama4XVisionConfig":
+        """The vision config of a named preset (`"tiny"`, `"scout"`, `"maverick"`), with fields overridden."""
+        if name not in VISION_PRESETS:
+            raise ValueError(f"Unknown preset {name!r}: expected one of {sorted(VISION_PRESETS)}.")
+        return cls(**{**copy.deepcopy(VISION_PRESETS[name]), **overrides})
+
+
+@strict
 class Llama4XConfig(PreTrainedConfig):
     r"""
-    Composite llama4x config: the text decoder (`text_config`) and the vision front-end (`vision_config`, added by
-    the multimodal model; None for a text-only model).
+    Composite llama4x config: the text decoder (`text_config`), the vision front-end (`vision_config`; defaults to
+    Llama 4's vision encoder) and the special tokens of early fusion (Llama 4's names and ids by default):
+
+    image_token_index (`image_token_id`): the `<|patch|>` placeholder; each one is replaced by one image embedding.
+    boi_token_index (`boi_token_id`), eoi_token_index (`eoi_token_id`): `<|image_start|>` / `<|image_end|>`, which
+        frame an image in the text. All three must be distinct ids of the text vocabulary.
     """
 
     model_type = "llama4x"
-    sub_configs = {"text_config": Llama4XTextConfig}
+    attribute_map = {
+        "image_token_id": "image_token_index",
+        "boi_token_id": "boi_token_index",
+        "eoi_token_id": "eoi_token_index",
+    }
+    sub_configs = {"text_config": Llama4XTextConfig, "vision_config": Llama4XVisionConfig}
 
     text_config: dict | PreTrainedConfig | None = None
     vision_config: dict | PreTrainedConfig | None = None
+    image_token_index: int = 200092
+    boi_token_index: int = 200080
+    eoi_token_index: int = 200081
     tie_word_embeddings: bool = False
 
     def __post_init__(self, **kwargs):
-        if self.text_config is None:
-            self.text_config = Llama4XTextConfig()
-        elif isinstance(self.text_config, dict):
-            self.text_config = Llama4XTextConfig(**self.text_config)
-        elif not isinstance(self.text_config, Llama4XTextConfig):
-            _fail("text_config", type(self.text_config).__name__, "a Llama4XTextConfig or a dict of its fields")
+        for field, config_class in self.sub_configs.items():
+            value = getattr(self, field)
+            if value is None:
+                setattr(self, field, config_class())
+            elif isinstance(value, dict):
+                setattr(self, field, config_class(**value))
+            elif not isinstance(value, config_class):
+                _fail(field, type(value).__name__, f"a {config_class.__name__} or a dict of its fields")
         super().__post_init__(**kwargs)
+        self._validate()
+
+    def _validate(self) -> None:
+        vocab_size = self.text_config.vocab_size
+        ids = {}
+        for alias, field in self.attribute_map.items():
+            value, name = getattr(self, field), f"{field}` / `{alias}"
+            if not 0 <= value < vocab_size:
+                _fail(name, value, f"a token id in [0, {vocab_size}) (text_config.vocab_size={vocab_size})")
+            if value in ids:
+                _fail(name, value, f"an id different from {ids[value]}={value}")
+            ids[value] = field
 
     @classmethod
-    def from_preset(cls, name: str, **text_overrides: Any) -> "Llama4XConfig":
-        """The composite config of a named preset; keyword arguments override text-config fields."""
-        return cls(text_config=Llama4XTextConfig.from_preset(name, **text_overrides))
+    def from_preset(
+        cls, name: str, vision_overrides: dict[str, Any] | None = None, **text_overrides: Any
+    ) -> "Llama4XConfig":
+        """The composite config of a named preset; keyword arguments override text-config fields and
+        `vision_overrides` vision-config fields (e.g. `{"fusion": "patch"}`)."""
+        return cls(
+            text_config=Llama4XTextConfig.from_preset(name, **text_overrides),
+            vision_config=Llama4XVisionConfig.from_preset(name, **(vision_overrides or {})),
+            **SPECIAL_TOKEN_PRESETS[name],
+        )
 
 
 _LLAMA4_SHARED: dict[str, Any] = {
@@ -392,4 +553,52 @@ TEXT_PRESETS: dict[str, dict[str, Any]] = {
         "max_position_embeddings": 4096,
         "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0},
     },
+}
+
+# Llama 4's vision encoder, shared by Scout and Maverick (their published `vision_config`).
+_LLAMA4_VISION: dict[str, Any] = {
+    "fusion": "encoder",
+    "image_size": 336,
+    "patch_size": 14,
+    "num_channels": 3,
+    "hidden_size": 1408,
+    "num_hidden_layers": 34,
+    "num_attention_heads": 16,
+    "intermediate_size": 5632,
+    "hidden_act": "gelu",
+    "norm_eps": 1e-5,
+    "pixel_shuffle_ratio": 0.5,
+    "projector_input_dim": 4096,
+    "projector_output_dim": 4096,
+    "vision_output_dim": 4096,
+    "rope_theta": 10000.0,
+}
+
+VISION_PRESETS: dict[str, dict[str, Any]] = {
+    "scout": _LLAMA4_VISION,
+    "maverick": _LLAMA4_VISION,
+    # 32-pixel tiles of 4x4 patches; pixel shuffle 0.5 leaves 4 tokens per tile.
+    "tiny": {
+        "fusion": "encoder",
+        "image_size": 32,
+        "patch_size": 8,
+        "num_channels": 3,
+        "hidden_size": 32,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "intermediate_size": 128,
+        "pixel_shuffle_ratio": 0.5,
+        "projector_input_dim": 64,
+        "projector_output_dim": 64,
+        "vision_output_dim": 64,
+        "rope_theta": 10000.0,
+    },
+}
+
+# `<|patch|>`, `<|image_start|>`, `<|image_end|>`: Llama 4's ids, and for "tiny" the ids `llama4x.tokenization` gives.
+_LLAMA4_SPECIAL_TOKENS = {"image_token_index": 200092, "boi_token_index": 200080, "eoi_token_index": 200081}
+SPECIAL_TOKEN_PRESETS: dict[str, dict[str, int]] = {
+    "scout": _LLAMA4_SPECIAL_TOKENS,
+    "maverick": _LLAMA4_SPECIAL_TOKENS,
+    "tiny": {"image_token_index": 6, "boi_token_index": 4, "eoi_token_index": 5},
 }

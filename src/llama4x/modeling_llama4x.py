@@ -284,7 +284,9 @@ class Llama4XDecoderLayer(GradientCheckpointingLayer):
 def dense_attention_masks(config, inputs_embeds, attention_mask, cache, position_ids, kinds) -> dict:
     """transformers' masks for the given layer types ("full_attention": causal, "chunked_attention": chunked)."""
     makers = {"full_attention": create_causal_mask, "chunked_attention": create_chunked_causal_mask}
-    return {kind: makers[kind](config, inputs_embeds, attention_mask, cache, position_ids=position_ids) for kind in kinds}
+    return {
+        kind: makers[kind](config, inputs_embeds, attention_mask, cache, position_ids=position_ids) for kind in kinds
+    }
 
 
 class Llama4XPreTrainedModel(PreTrainedModel):
@@ -432,7 +434,10 @@ class Llama4XTextModel(Llama4XPreTrainedModel):
             if blockwise is not None:
                 masks["chunked_attention"] = blockwise
         kinds -= set(masks)
-        return {**masks, **dense_attention_masks(self.config, inputs_embeds, attention_mask, cache, position_ids, kinds)}
+        return {
+            **masks,
+            **dense_attention_masks(self.config, inputs_embeds, attention_mask, cache, position_ids, kinds),
+        }
 
     def _report_routing(self, output, router_logits, topk_indices, attention_mask, batch_shape, requested) -> None:
         """Expert loads, balancing losses and bias bookkeeping from the MoE layers' routing."""

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 import transformers
 from tqdm.auto import tqdm
-from transformers import Llama4ForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers import CompileConfig, Llama4ForCausalLM, LlamaConfig, LlamaForCausalLM
 from transformers.models.llama4.modeling_llama4 import Llama4TextMoe
 
 from ..configuration_llama4x import Llama4XTextConfig
@@ -225,6 +225,36 @@ def bench_decode(
     return {"generate_s": seconds, "tokens_per_s": {n: batch * new_tokens / s for n, s in seconds.items()}}
 
 
+def bench_compiled_decode(
+    shapes: Shapes, batch: int, prompt: int, new_tokens: int, dtype: torch.dtype, device: torch.device,
+    repeats: int = 3,
+) -> dict:  # fmt: skip
+    """`generate` with a static cache and `torch.compile` (fullgraph) for llama4x and the dense Llama; transformers
+    disables compiled decoding for its Llama 4. The first call (compilation) is reported separately."""
+    models = build_models(shapes, dtype, device, which=("llama4x", "dense_llama"))
+    input_ids = torch.randint(0, shapes.vocab_size, (batch, prompt), device=device)
+    kwargs = {
+        "max_new_tokens": new_tokens, "min_new_tokens": new_tokens, "do_sample": False, "pad_token_id": 0,
+        "cache_implementation": "static", "compile_config": CompileConfig(fullgraph=True),
+    }  # fmt: skip
+    first_call_s = {}
+    with torch.no_grad():
+        for name, model in models.items():
+            start = time.perf_counter()
+            model.generate(input_ids=input_ids, **kwargs)
+            first_call_s[name] = time.perf_counter() - start
+        timer = Timer(device, repeats, warmup=0)
+        seconds = timer.run_interleaved(
+            {n: (lambda m=m: m.generate(input_ids=input_ids, **kwargs)) for n, m in models.items()}, "compiled_decode"
+        )
+    return {
+        "first_call_s": first_call_s,
+        "generate_s": seconds,
+        "tokens_per_s": {n: batch * new_tokens / s for n, s in seconds.items()},
+        "compiled": {n: hasattr(m, "_compiled_call") for n, m in models.items()},
+    }
+
+
 def bench_long_context(
     shapes: Shapes, lengths: list[int], dtype: torch.dtype, device: torch.device, repeats: int = 1,
     which=MODELS,
@@ -277,7 +307,7 @@ GPU_SHAPES = Shapes(
 )  # fmt: skip
 
 
-def run_suite(out: str | Path, device: str = "cpu", quick: bool = False) -> dict:
+def run_suite(out: str | Path, device: str = "cpu", quick: bool = False, only: list[str] | None = None) -> dict:
     """The performance issue's benchmark set for `device` (`cpu`: the tiny 16-expert config; `cuda`: Scout-shape
     MoE layers and the 12-layer H200 config), written to `out/speed_<device>.json` after every section."""
     device = torch.device(device)
@@ -303,11 +333,16 @@ def run_suite(out: str | Path, device: str = "cpu", quick: bool = False) -> dict
         "decode_bs8": lambda: bench_decode(shapes, 8, prompt, new_tokens, dtype, device),
         "long_context": lambda: bench_long_context(shapes, lengths[:1] if quick else lengths, dtype, device),
     }
+    if cuda:
+        sections["compiled_decode_bs1"] = lambda: bench_compiled_decode(shapes, 1, prompt, new_tokens, dtype, device)
+        sections["compiled_decode_bs8"] = lambda: bench_compiled_decode(shapes, 8, prompt, new_tokens, dtype, device)
     if cuda and not quick:
         sections["long_context_1m_llama4x"] = lambda: bench_long_context(
             shapes, [1 << 20], dtype, device, which=("llama4x",)
         )
     for name, section in sections.items():
+        if only and name not in only:
+            continue
         results[name] = section()
         save_results(results, path)
         if cuda:
