@@ -2,17 +2,26 @@
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, Llama4ForCausalLM, Llama4TextConfig
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForImageTextToText,
+    Llama4Config,
+    Llama4ForCausalLM,
+    Llama4ForConditionalGeneration,
+    Llama4TextConfig,
+)
 
-from llama4x import Llama4XForCausalLM, Llama4XTextConfig
+from llama4x import Llama4XConfig, Llama4XForCausalLM, Llama4XForConditionalGeneration, Llama4XTextConfig
 from llama4x.conversion import (
+    config_from_llama4,
+    config_to_llama4,
     convert_checkpoint,
     state_dict_from_llama4,
     state_dict_to_llama4,
     text_config_from_llama4,
     text_config_to_llama4,
 )
-from tiny import random_ids
+from tiny import random_ids, randomize_to_unit_scale
 
 CHUNK = 8
 
@@ -179,3 +188,83 @@ def test_failed_conversion_leaves_no_output(tmp_path):
         convert_checkpoint(tmp_path / "llama4", tmp_path / "out")
     assert not (tmp_path / "out").exists()
     assert not list(tmp_path.glob(".*partial*"))
+
+
+def llama4_multimodal_config() -> Llama4Config:
+    vision = {
+        "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 128,
+        "image_size": 32, "patch_size": 8, "pixel_shuffle_ratio": 0.5, "projector_input_dim": 64,
+        "projector_output_dim": 64, "vision_output_dim": 64, "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0},
+    }  # fmt: skip
+    return Llama4Config(
+        text_config=llama4_text_config().to_dict(),
+        vision_config=vision,
+        image_token_index=6,
+        boi_token_index=4,
+        eoi_token_index=5,
+    )
+
+
+def llama4_multimodal_logits(model, input_ids, pixel_values) -> torch.Tensor:
+    """The logits of transformers' `Llama4ForConditionalGeneration.forward`. Some releases (5.24) fail after
+    computing them, building the output dataclass from a field the language model does not return
+    (`image_outputs`); the logits are taken from the language model's output on the way."""
+    captured = {}
+    hook = model.language_model.register_forward_hook(lambda module, args, output: captured.update(out=output))
+    try:
+        return model(input_ids=input_ids, pixel_values=pixel_values).logits
+    except AttributeError as error:
+        if "image_outputs" not in str(error):
+            raise
+        return captured["out"].logits
+    finally:
+        hook.remove()
+
+
+def test_llama4_multimodal_logits_match_after_conversion_on_a_several_tile_prompt():
+    torch.manual_seed(0)
+    reference = Llama4ForConditionalGeneration(llama4_multimodal_config()).eval()
+    randomize_to_unit_scale(reference.vision_model, seed=1)
+    model = Llama4XForConditionalGeneration(config_from_llama4(reference.config)).eval()
+    model.load_state_dict(state_dict_from_llama4(reference.state_dict()), strict=True)
+    tiles, tokens_per_tile = 3, model.config.vision_config.tokens_per_tile
+    text = random_ids(1, 10)
+    image = torch.full((1, tiles * tokens_per_tile), 6)
+    input_ids = torch.cat([text[:, :4], torch.tensor([[4]]), image, torch.tensor([[5]]), text[:, 4:]], dim=1)
+    pixel_values = torch.randn(tiles, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        expected = llama4_multimodal_logits(reference, input_ids, pixel_values)
+        actual = model(input_ids=input_ids, pixel_values=pixel_values).logits
+    diff = (actual - expected).abs().max().item()
+    assert torch.allclose(actual, expected, rtol=1e-5, atol=1e-5), f"max diff {diff}"
+    with torch.no_grad():
+        other_image = model(input_ids=input_ids, pixel_values=pixel_values.flip(0)).logits
+    assert not torch.allclose(other_image, actual, atol=1e-4), "the image must influence the logits"
+
+
+def test_multimodal_round_trip_and_checkpoint_folder_conversion(tmp_path):
+    torch.manual_seed(0)
+    reference = Llama4ForConditionalGeneration(llama4_multimodal_config()).eval()
+    reference.save_pretrained(tmp_path / "llama4")
+    converted = convert_checkpoint(tmp_path / "llama4", tmp_path / "llama4x")
+    model = AutoModelForImageTextToText.from_pretrained(converted)
+    assert isinstance(model, Llama4XForConditionalGeneration)
+    back = convert_checkpoint(converted, tmp_path / "back")
+    restored = AutoModelForImageTextToText.from_pretrained(back)
+    assert isinstance(restored, Llama4ForConditionalGeneration)
+    for name, tensor in reference.state_dict().items():
+        assert torch.equal(restored.state_dict()[name], tensor), name
+    assert (
+        config_to_llama4(model.config).to_diff_dict()["vision_config"]
+        == reference.config.to_diff_dict()["vision_config"]
+    )
+
+
+def test_scout_preset_vision_converts_to_meta_published_vision_architecture():
+    vision = config_to_llama4(Llama4XConfig.from_preset("scout")).vision_config
+    published = {
+        "hidden_size": 1408, "num_hidden_layers": 34, "num_attention_heads": 16, "intermediate_size": 5632,
+        "image_size": 336, "patch_size": 14, "pixel_shuffle_ratio": 0.5, "projector_input_dim": 4096,
+        "projector_output_dim": 4096, "vision_output_dim": 4096,
+    }  # fmt: skip
+    assert {k: getattr(vision, k) for k in published} == published

@@ -13,7 +13,7 @@ from transformers.models.llama4.modeling_llama4 import (
 
 from llama4x import Llama4XConfig, Llama4XVisionConfig, Llama4XVisionModel
 from llama4x.vision import Llama4XVisionRotaryEmbedding, unfold_patches
-from tiny import tiny_multimodal_config, tiny_multimodal_model
+from tiny import randomize_to_unit_scale, tiny_multimodal_config, tiny_multimodal_model
 
 TILES = 3
 
@@ -178,24 +178,6 @@ def llama4x_name(llama4_name: str) -> str:
     for pattern, replacement in LLAMA4_TO_LLAMA4X:
         llama4_name = re.sub(pattern, replacement, llama4_name)
     return llama4_name
-
-
-def randomize_to_unit_scale(module: torch.nn.Module, seed: int) -> None:
-    """Weights that keep activations O(1) (the default init's 0.02 std leaves outputs ~1e-2, where 1e-5 is a loose
-    tolerance) and attention far from uniform (so RoPE and positions matter)."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in module.named_parameters():
-            noise = torch.randn(param.shape, generator=generator)
-            if param.ndim == 2 and "embedding_vlm" not in name:  # linear weights (out, in)
-                gain = 3.0 if name.endswith(("q_proj.weight", "k_proj.weight")) else 1.0
-                param.copy_(noise * gain * param.shape[1] ** -0.5)
-            elif "norm" in name and name.endswith("weight"):
-                param.copy_(1.0 + 0.2 * noise)
-            elif name.endswith("bias"):
-                param.copy_(0.2 * noise)
-            else:  # class and position embeddings
-                param.copy_(noise)
 
 
 @pytest.mark.parametrize("kernel", ["eager", "sdpa"])

@@ -15,19 +15,19 @@ RoPE on RoPE layers (`use_qk_norm="l2"`), `no_rope_layers` (1 = RoPE) <-> `nope_
 """
 
 import json
+import re
 import shutil
 import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
-from transformers import Llama4TextConfig
+from transformers import Llama4Config, Llama4TextConfig, Llama4VisionConfig
 from transformers.dynamic_module_utils import custom_object_save
 
-from .configuration_llama4x import Llama4XTextConfig
+from .configuration_llama4x import Llama4XConfig, Llama4XTextConfig, Llama4XVisionConfig
 
 # Fields with the same name and meaning in both text configs.
 SHARED_TEXT_FIELDS = (
@@ -106,24 +106,108 @@ def text_tensor_to_llama4(name: str, tensor: torch.Tensor) -> tuple[str, torch.T
     return name.replace(".feed_forward.shared_experts.", ".feed_forward.shared_expert."), tensor
 
 
-def _convert_all(state_dict: dict[str, torch.Tensor], convert) -> Iterator[tuple[str, torch.Tensor]]:
-    for name, tensor in state_dict.items():
-        yield convert(name, tensor)
-
-
 def state_dict_from_llama4(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A `Llama4ForCausalLM` / `Llama4TextModel` state dict as a llama4x one (same prefixes)."""
-    return dict(_convert_all(state_dict, text_tensor_from_llama4))
+    """A `Llama4ForCausalLM` / `Llama4ForConditionalGeneration` state dict as the llama4x model's."""
+    multimodal = any(name.startswith("vision_model.") for name in state_dict)
+    return dict(tensor_from_llama4(name, tensor, multimodal) for name, tensor in state_dict.items())
 
 
 def state_dict_to_llama4(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A `Llama4XForCausalLM` / `Llama4XTextModel` state dict as a Llama 4 one (same prefixes)."""
-    return dict(_convert_all(state_dict, text_tensor_to_llama4))
+    """A `Llama4XForCausalLM` / `Llama4XForConditionalGeneration` state dict as the Llama 4 model's."""
+    multimodal = any(name.startswith("model.vision_model.") for name in state_dict)
+    return dict(tensor_to_llama4(name, tensor, multimodal) for name, tensor in state_dict.items())
+
+
+# --- the multimodal model -----------------------------------------------------------------------------------
+
+SHARED_VISION_FIELDS = (
+    "image_size", "patch_size", "num_channels", "hidden_size", "num_hidden_layers", "num_attention_heads",
+    "intermediate_size", "hidden_act", "norm_eps", "pixel_shuffle_ratio", "projector_input_dim",
+    "projector_output_dim", "vision_output_dim", "initializer_range", "attention_dropout",
+)  # fmt: skip
+SPECIAL_TOKEN_FIELDS = ("image_token_index", "boi_token_index", "eoi_token_index", "tie_word_embeddings")
+
+# Whole-model names, applied in order (text-stack layouts are converted afterwards by the text rules above).
+COMPOSITE_FROM_LLAMA4 = (
+    (r"^language_model\.model\.", "model.language_model."),
+    (r"^language_model\.lm_head\.", "lm_head."),
+    (r"^vision_model\.model\.layers\.", "model.vision_model.layers."),
+    (r"^vision_model\.positional_embedding_vlm$", "model.vision_model.positional_embedding"),
+    (r"^vision_model\.vision_adapter\.mlp\.", "model.vision_model.vision_adapter."),
+    (r"^vision_model\.", "model.vision_model."),
+    (r"^multi_modal_projector\.linear_1\.", "model.multi_modal_projector."),
+)
+COMPOSITE_TO_LLAMA4 = (
+    (r"^model\.language_model\.", "language_model.model."),
+    (r"^lm_head\.", "language_model.lm_head."),
+    (r"^model\.vision_model\.layers\.", "vision_model.model.layers."),
+    (r"^model\.vision_model\.positional_embedding$", "vision_model.positional_embedding_vlm"),
+    (r"^model\.vision_model\.vision_adapter\.", "vision_model.vision_adapter.mlp."),
+    (r"^model\.vision_model\.", "vision_model."),
+    (r"^model\.multi_modal_projector\.", "multi_modal_projector.linear_1."),
+)
+
+
+def _rename(name: str, rules: tuple[tuple[str, str], ...]) -> str:
+    for pattern, replacement in rules:
+        renamed = re.sub(pattern, replacement, name)
+        if renamed != name:
+            return renamed
+    return name
+
+
+def tensor_from_llama4(name: str, tensor: torch.Tensor, multimodal: bool) -> tuple[str, torch.Tensor]:
+    """One weight of a `Llama4ForConditionalGeneration` (multimodal) / `Llama4ForCausalLM` checkpoint, under its
+    llama4x name and layout."""
+    return text_tensor_from_llama4(_rename(name, COMPOSITE_FROM_LLAMA4) if multimodal else name, tensor)
+
+
+def tensor_to_llama4(name: str, tensor: torch.Tensor, multimodal: bool) -> tuple[str, torch.Tensor]:
+    """One weight of a `Llama4XForConditionalGeneration` (multimodal) / `Llama4XForCausalLM` checkpoint, under its
+    Llama 4 name and layout."""
+    name, tensor = text_tensor_to_llama4(name, tensor)
+    return (_rename(name, COMPOSITE_TO_LLAMA4) if multimodal else name), tensor
+
+
+def vision_config_from_llama4(config: Llama4VisionConfig) -> Llama4XVisionConfig:
+    if config.multi_modal_projector_bias:
+        raise ValueError("Cannot convert from Llama 4: `multi_modal_projector_bias`=True is not supported.")
+    fields = {name: getattr(config, name) for name in SHARED_VISION_FIELDS}
+    return Llama4XVisionConfig(**fields, fusion="encoder", rope_theta=config.rope_parameters["rope_theta"])
+
+
+def vision_config_to_llama4(config: Llama4XVisionConfig) -> Llama4VisionConfig:
+    if config.fusion != "encoder":
+        raise ValueError(f"Cannot convert to Llama 4: `fusion`={config.fusion!r}, Llama 4 only has 'encoder'.")
+    fields = {name: getattr(config, name) for name in SHARED_VISION_FIELDS}
+    return Llama4VisionConfig(**fields, rope_parameters={"rope_type": "default", "rope_theta": config.rope_theta})
+
+
+def config_from_llama4(config: Llama4Config | Llama4TextConfig) -> Llama4XConfig | Llama4XTextConfig:
+    """The llama4x config (composite or text) computing what a transformers Llama 4 config computes."""
+    if isinstance(config, Llama4TextConfig):
+        return text_config_from_llama4(config)
+    return Llama4XConfig(
+        text_config=text_config_from_llama4(config.text_config),
+        vision_config=vision_config_from_llama4(config.vision_config),
+        **{name: getattr(config, name) for name in SPECIAL_TOKEN_FIELDS},
+    )
+
+
+def config_to_llama4(config: Llama4XConfig | Llama4XTextConfig) -> Llama4Config | Llama4TextConfig:
+    """The transformers Llama 4 config (composite or text) of a llama4x config; ValueError if it has none."""
+    if isinstance(config, Llama4XTextConfig):
+        return text_config_to_llama4(config)
+    return Llama4Config(
+        text_config=text_config_to_llama4(config.text_config),
+        vision_config=vision_config_to_llama4(config.vision_config),
+        **{name: getattr(config, name) for name in SPECIAL_TOKEN_FIELDS},
+    )
 
 
 # --- whole checkpoint folders ------------------------------------------------------------------------------------
 
-SOURCE_KINDS = {"llama4_text": "llama4", "llama4x_text": "llama4x"}
+SOURCE_KINDS = {"llama4_text": "llama4", "llama4": "llama4", "llama4x_text": "llama4x", "llama4x": "llama4x"}
 COPIED_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
     "chat_template.json", "preprocessor_config.json", "processor_config.json", "generation_config.json",
@@ -148,7 +232,7 @@ def _check_folders(input_dir: Path, output_dir: Path, overwrite: bool) -> dict:
     config = json.loads((input_dir / "config.json").read_text())
     if config.get("model_type") not in SOURCE_KINDS:
         raise ValueError(
-            f"{input_dir} holds a {config.get('model_type')!r} checkpoint; expected a text checkpoint of model_type "
+            f"{input_dir} holds a {config.get('model_type')!r} checkpoint; expected one of model_type "
             f"{sorted(SOURCE_KINDS)}."
         )
     if output_dir.resolve() == input_dir.resolve() or input_dir.resolve() in output_dir.resolve().parents:
@@ -169,14 +253,16 @@ def convert_checkpoint(
     modified. `dtype` casts floating-point weights.
     """
     input_dir, output_dir = Path(input_dir), Path(output_dir)
-    source = SOURCE_KINDS[_check_folders(input_dir, output_dir, overwrite)["model_type"]]
+    model_type = _check_folders(input_dir, output_dir, overwrite)["model_type"]
+    source = SOURCE_KINDS[model_type]
     shards, index = _weight_files(input_dir)
-    convert_tensor = text_tensor_from_llama4 if source == "llama4" else text_tensor_to_llama4
+    multimodal = model_type in ("llama4", "llama4x")
+    convert_tensor = tensor_from_llama4 if source == "llama4" else tensor_to_llama4
 
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.partial-", dir=output_dir.parent))
     try:
-        _write_config(input_dir, staging, source, dtype)
+        _write_config(input_dir, staging, model_type, dtype)
         weight_map = {}
         total = sum(_shard_length(input_dir / shard) for shard in shards)
         with tqdm(total=total, desc=f"Converting {source} -> {'llama4x' if source == 'llama4' else 'llama4'}") as bar:
@@ -184,7 +270,7 @@ def convert_checkpoint(
                 converted = {}
                 with safe_open(input_dir / shard, framework="pt") as reader:
                     for name in reader.keys():
-                        new_name, tensor = convert_tensor(name, reader.get_tensor(name))
+                        new_name, tensor = convert_tensor(name, reader.get_tensor(name), multimodal)
                         if (
                             dtype is not None
                             and tensor.is_floating_point()
@@ -216,17 +302,26 @@ def _shard_length(path: Path) -> int:
         return len(reader.keys())
 
 
-def _write_config(input_dir: Path, output_dir: Path, source: str, dtype: torch.dtype | None) -> None:
-    if source == "llama4":
-        config = text_config_from_llama4(Llama4TextConfig.from_pretrained(input_dir))
+def _write_config(input_dir: Path, output_dir: Path, model_type: str, dtype: torch.dtype | None) -> None:
+    from .modeling_llama4x import Llama4XForCausalLM
+    from .modeling_multimodal import Llama4XForConditionalGeneration
+
+    source_class = {"llama4_text": Llama4TextConfig, "llama4": Llama4Config}.get(model_type)
+    if source_class is not None:
+        config = config_from_llama4(source_class.from_pretrained(input_dir))
+        model_class = Llama4XForCausalLM if model_type == "llama4_text" else Llama4XForConditionalGeneration
     else:
-        config = text_config_to_llama4(Llama4XTextConfig.from_pretrained(input_dir))
+        source_class = Llama4XTextConfig if model_type == "llama4x_text" else Llama4XConfig
+        config = config_to_llama4(source_class.from_pretrained(input_dir))
+        model_class = None
     if dtype is not None:
         config.dtype = dtype
-    if source == "llama4":
-        from .modeling_llama4x import Llama4XForCausalLM
-
+    if model_class is not None:
         with torch.device("meta"):  # only to copy the model code and write `auto_map` (trust_remote_code loading)
-            custom_object_save(Llama4XForCausalLM(config), output_dir, config=config)
-    config.architectures = ["Llama4XForCausalLM" if source == "llama4" else "Llama4ForCausalLM"]
+            custom_object_save(model_class(config), output_dir, config=config)
+        config.architectures = [model_class.__name__]
+    else:
+        config.architectures = [
+            "Llama4ForCausalLM" if model_type == "llama4x_text" else "Llama4ForConditionalGeneration"
+        ]
     config.save_pretrained(output_dir)
