@@ -26,6 +26,7 @@ the `<|patch|>` tokens by the tile features in order: `num_tiles * tokens_per_ti
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from fractions import Fraction
@@ -111,11 +112,13 @@ def plan_tiling(
     if not resize_to_max_canvas:
         # Never upscale past the image's own size, except up to one tile.
         bound_h, bound_w = min(max(height, tile_size), bound_h), min(max(width, tile_size), bound_w)
-    # Fit inside (bound_h, bound_w) keeping the aspect ratio; the limiting side fills its bound exactly.
-    if Fraction(bound_w, width) < Fraction(bound_h, height):
-        new_h, new_w = min(height * bound_w // width, bound_h), bound_w
+    # Fit inside (bound_h, bound_w) keeping the aspect ratio; the limiting side fills its bound exactly. Float
+    # arithmetic on purpose, as Llama 4's processor, so that sizes on a rounding boundary floor the same way.
+    scale_w, scale_h = bound_w / width, bound_h / height
+    if scale_w < scale_h:
+        new_h, new_w = min(math.floor(height * scale_w), bound_h), bound_w
     else:
-        new_h, new_w = bound_h, min(width * bound_h // height, bound_w)
+        new_h, new_w = bound_h, min(math.floor(width * scale_h), bound_w)
     return TilingPlan(grid=(rows, cols), resized=(max(new_h, 1), max(new_w, 1)), tile_size=tile_size)
 
 
