@@ -442,10 +442,13 @@ class Llama4XTextModel(Llama4XPreTrainedModel):
     def _report_routing(self, output, router_logits, topk_indices, attention_mask, batch_shape, requested) -> None:
         """Expert loads, balancing losses and bias bookkeeping from the MoE layers' routing."""
         config = self.config
+        tracking = self.training and torch.is_grad_enabled()
+        losses = requested or config.router_aux_loss_coef > 0 or config.router_z_loss_coef > 0
+        if not (requested or tracking or losses):  # plain inference: nothing to compute
+            return
         token_mask_BS = token_mask_from_attention_mask(attention_mask, batch_shape[1])
         if token_mask_BS is None:
             token_mask_BS = torch.ones(batch_shape, dtype=torch.bool, device=router_logits[0].device)
-        tracking = self.training and torch.is_grad_enabled()
         if requested or tracking:
             load_LE = torch.stack([expert_load(ix, config.num_local_experts, token_mask_BS) for ix in topk_indices])
             if tracking:
@@ -453,7 +456,7 @@ class Llama4XTextModel(Llama4XPreTrainedModel):
             if requested:
                 output.expert_load = load_LE
                 output.router_logits = tuple(router_logits)
-        if requested or config.router_aux_loss_coef > 0 or config.router_z_loss_coef > 0:
+        if losses:
             output.aux_loss, output.z_loss = balancing_losses(router_logits, topk_indices, token_mask_BS, config)
 
     def _track_expert_load(self, load_LE: torch.Tensor) -> None:

@@ -120,7 +120,8 @@ def route(logits_TE: torch.Tensor, config: Llama4XTextConfig, selection_bias_E: 
     topk_weight_TK = scores_TE.gather(-1, topk_index_TK)
     if config.norm_topk_prob:
         topk_weight_TK = topk_weight_TK / topk_weight_TK.sum(dim=-1, keepdim=True).clamp_min(1e-20)
-    topk_weight_TK = topk_weight_TK * config.routed_scaling_factor
+    if config.routed_scaling_factor != 1.0:
+        topk_weight_TK = topk_weight_TK * config.routed_scaling_factor
     return Routing(logits_TE, scores_TE, topk_index_TK, topk_weight_TK)
 
 
