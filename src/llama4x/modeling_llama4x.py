@@ -34,6 +34,7 @@ from .balancing import (
 from .chunked_attention import BlockwiseChunks, blockwise_chunks_for
 from .configuration_llama4x import Llama4XTextConfig
 from .moe import Llama4XExperts, Llama4XMLP, Llama4XMoE
+from .validation import check_text_inputs
 
 logger = logging.get_logger(__name__)
 
@@ -377,13 +378,12 @@ class Llama4XTextModel(Llama4XPreTrainedModel):
         """Decoder forward. `cache` (`past_key_values` before transformers 5.24) holds the keys and values of
         earlier steps; chunked layers keep at most one chunk of them."""
         cache = cache if cache is not None else past_key_values
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("Pass exactly one of `input_ids` and `inputs_embeds`.")
-        if inputs_embeds is None:
-            inputs_embeds = self.embed_tokens(input_ids)  # (B, S, H)
         if use_cache and cache is None:
             cache = DynamicCache(config=self.config)
         past_seen = cache.get_seq_length() if cache is not None else 0
+        check_text_inputs(self.config, input_ids, inputs_embeds, attention_mask, past_seen)
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)  # (B, S, H)
         if position_ids is None:
             position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen
             position_ids = position_ids.unsqueeze(0)  # (1, S)

@@ -1,0 +1,62 @@
+"""Checks of user inputs to the decoder, with errors that name the problem.
+
+Value checks (token-id range, finite embeddings) read the tensors back, so they run on whole-sequence calls
+(training, prefill) only: a decoding step feeds the model's own argmax/sampled ids, which are in range, and stays
+free of host synchronisation. Nothing runs under `torch.compile`.
+"""
+
+import torch
+from transformers.utils import is_torchdynamo_compiling
+
+from .configuration_llama4x import Llama4XTextConfig
+
+
+def check_text_inputs(
+    config: Llama4XTextConfig,
+    input_ids: torch.Tensor | None,
+    inputs_embeds: torch.Tensor | None,
+    attention_mask: torch.Tensor | None,
+    past_seen: int,
+) -> None:
+    """Raise `ValueError`/`TypeError` for inputs the decoder would mis-handle or crash on obscurely."""
+    if (input_ids is None) == (inputs_embeds is None):
+        raise ValueError("Pass exactly one of `input_ids` and `inputs_embeds`.")
+    if is_torchdynamo_compiling():
+        return
+    if input_ids is not None:
+        _check_input_ids(config, input_ids)
+        batch, seq_len = input_ids.shape
+    else:
+        if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != config.hidden_size:
+            raise ValueError(
+                f"`inputs_embeds` must be (batch, sequence, hidden_size={config.hidden_size}); "
+                f"got shape {tuple(inputs_embeds.shape)}."
+            )
+        batch, seq_len = inputs_embeds.shape[:2]
+        if seq_len > 1 and not bool(torch.isfinite(inputs_embeds).all()):
+            raise ValueError("`inputs_embeds` contains NaN or infinite values.")
+    if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2:
+        expected = (batch, past_seen + seq_len)
+        if tuple(attention_mask.shape) != expected:
+            raise ValueError(
+                f"`attention_mask` has shape {tuple(attention_mask.shape)}; expected (batch, past + current tokens) "
+                f"= {expected}."
+            )
+    if past_seen + seq_len > config.max_position_embeddings:
+        raise ValueError(
+            f"Sequence of {past_seen + seq_len} tokens ({past_seen} cached + {seq_len} new) exceeds "
+            f"max_position_embeddings={config.max_position_embeddings}; raise it in the config (with a RoPE scaling "
+            "in `rope_parameters` if the model was trained shorter)."
+        )
+
+
+def _check_input_ids(config: Llama4XTextConfig, input_ids: torch.Tensor) -> None:
+    if input_ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
+        raise TypeError(f"`input_ids` must hold integer token ids; got dtype {input_ids.dtype}.")
+    if input_ids.dim() != 2:
+        raise ValueError(f"`input_ids` must be (batch, sequence); got shape {tuple(input_ids.shape)}.")
+    if input_ids.shape[1] > 1 and input_ids.numel():
+        low, high = int(input_ids.min()), int(input_ids.max())
+        if low < 0 or high >= config.vocab_size:
+            bad = low if low < 0 else high
+            raise ValueError(f"`input_ids` holds token id {bad}, outside [0, vocab_size={config.vocab_size}).")
