@@ -6,6 +6,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from transformers import AutoModelForCausalLM
 
 from llama4x import Llama4XForCausalLM, Llama4XTextConfig
 from llama4x.moe import route
@@ -160,3 +161,19 @@ def test_router_is_computed_in_float32_for_bfloat16_models():
 def test_text_config_rejects_a_wrong_type_with_the_field_name():
     with pytest.raises(Exception, match="hidden_size"):  # huggingface_hub's strict type validation
         Llama4XTextConfig(hidden_size="wide")
+
+
+def test_truncated_shard_is_named_instead_of_loading(tmp_path):
+    tiny_model().save_pretrained(tmp_path, max_shard_size="100KB")
+    shard = sorted(tmp_path.glob("model-*.safetensors"))[1]
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    with pytest.raises(ValueError, match=f"{shard.name} is truncated or corrupt"):
+        AutoModelForCausalLM.from_pretrained(tmp_path)
+
+
+def test_missing_shard_is_named(tmp_path):
+    tiny_model().save_pretrained(tmp_path, max_shard_size="100KB")
+    shard = sorted(tmp_path.glob("model-*.safetensors"))[0]
+    shard.unlink()
+    with pytest.raises(ValueError, match=f"missing shards .*{shard.name}"):
+        AutoModelForCausalLM.from_pretrained(tmp_path)

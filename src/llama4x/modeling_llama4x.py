@@ -31,6 +31,7 @@ from .balancing import (
     token_mask_from_attention_mask,
     update_balancing_bias,
 )
+from .checkpoints import verify_safetensors_folder
 from .chunked_attention import BlockwiseChunks, blockwise_chunks_for
 from .configuration_llama4x import Llama4XTextConfig
 from .moe import Llama4XExperts, Llama4XMLP, Llama4XMoE
@@ -330,6 +331,12 @@ class Llama4XPreTrainedModel(PreTrainedModel):
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         kinds = set(config.layer_types)
         return dense_attention_masks(config, inputs_embeds, attention_mask, cache, position_ids, kinds)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """transformers' `from_pretrained`, after checking a local folder's shards (a truncated file is named)."""
+        verify_safetensors_folder(pretrained_model_name_or_path)
+        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
 
     def get_compiled_call(self, compile_config):
         # transformers returns the uncompiled call for every model_type containing "llama4" (which "llama4x" does);
