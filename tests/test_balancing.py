@@ -255,3 +255,22 @@ def test_router_jitter_acts_in_training_only():
         train = model(input_ids=input_ids, output_router_logits=True).router_logits[0]
     assert torch.equal(evals[0], evals[1])
     assert not torch.allclose(train, evals[0])
+
+
+def test_learned_bias_is_kept_frozen_when_reloaded_with_rate_zero(tmp_path):
+    model = tiny_model(router_bias_update_rate=0.01)
+    with torch.no_grad():
+        for block in model.model.moe_blocks:
+            block.e_score_correction_bias.copy_(torch.randn(8))
+    model.save_pretrained(tmp_path)
+    frozen = AutoModelForCausalLM.from_pretrained(tmp_path, router_bias_update_rate=0.0).eval()
+    assert frozen.config.use_router_selection_bias and frozen.config.router_bias_update_rate == 0.0
+    input_ids = random_ids(2, 12)
+    with torch.no_grad():
+        assert torch.allclose(frozen(input_ids=input_ids).logits, model(input_ids=input_ids).logits, atol=1e-6)
+    frozen.train()
+    optimizer = torch.optim.SGD(frozen.parameters(), lr=0.0)
+    frozen(input_ids=input_ids, labels=input_ids).loss.backward()
+    optimizer.step()
+    for saved, restored in zip(model.model.moe_blocks, frozen.model.moe_blocks):
+        assert torch.equal(saved.e_score_correction_bias, restored.e_score_correction_bias), "a frozen bias moved"

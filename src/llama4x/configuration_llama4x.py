@@ -84,6 +84,9 @@ class Llama4XTextConfig(PreTrainedConfig):
         router_z_loss_coef: coefficient of the router z-loss `mean(logsumexp(logits)^2)`.
         router_bias_update_rate: DeepSeek-V3's auxiliary-loss-free balancing; a per-expert bias added to the
             scores for selection only, updated after each optimizer step by `rate * sign(mean_load - load_i)`.
+        use_router_selection_bias: whether the MoE layers carry that bias (`e_score_correction_bias`); set
+            automatically when the rate is positive, and kept in saved configs, so a checkpoint trained with
+            loss-free balancing reloaded with rate 0 keeps its learned bias, frozen.
         n_group, topk_group: group-limited routing; experts form `n_group` groups and only the `topk_group`
             groups with the highest sum of their top-(k / topk_group) scores are eligible.
         router_jitter_noise: multiplicative uniform noise on the router input in training (Switch).
@@ -169,6 +172,7 @@ class Llama4XTextConfig(PreTrainedConfig):
     router_aux_loss_type: str = "global"
     router_z_loss_coef: float = 0.0
     router_bias_update_rate: float = 0.0
+    use_router_selection_bias: bool = False
     n_group: int = 1
     topk_group: int = 1
     router_jitter_noise: float = 0.0
@@ -192,6 +196,8 @@ class Llama4XTextConfig(PreTrainedConfig):
                 "chunked_attention" if chunked and i not in self.nope_layers else "full_attention"
                 for i in range(self.num_hidden_layers)
             ]
+        if self.router_bias_update_rate > 0:
+            self.use_router_selection_bias = True
         if self.moe_layers is None:
             step = self.interleave_moe_layer_step
             self.moe_layers = list(range(step - 1, self.num_hidden_layers, step)) if step > 0 else []

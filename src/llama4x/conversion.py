@@ -51,6 +51,7 @@ LLAMA4_FIXED_SETTINGS = {
     "use_scalable_softmax": False,
     "n_group": 1,
     "router_bias_update_rate": 0.0,
+    "use_router_selection_bias": False,
     "router_z_loss_coef": 0.0,
     "router_aux_loss_type": "global",
 }

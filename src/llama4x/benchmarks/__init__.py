@@ -1,9 +1,6 @@
-"""Benchmarks of llama4x features, each a library function that writes results and plots to a folder.
+"""Benchmarks of llama4x: each module is a library function that runs one benchmark and writes its results and
+plots to a folder; `llama4x bench ...` and `scripts/bench_*.py` are thin wrappers around them (see BENCHMARKS.md).
 
-- `balance.run_balance_benchmark`: expert-load balancing strategies (none / aux loss / loss-free bias / both) on the
-  tiny preset (`llama4x bench balance`).
+The modules are imported on demand (`from llama4x.benchmarks.balance import run_balance_benchmark`), so one
+benchmark's dependencies never load with another's.
 """
-
-from .balance import VARIANTS, run_balance_benchmark
-
-__all__ = ["VARIANTS", "run_balance_benchmark"]

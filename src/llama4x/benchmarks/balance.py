@@ -40,6 +40,8 @@ from ..data import python_docs_texts, train_eval_split
 from ..smoke import IGNORE_INDEX, make_lm_blocks
 from ..tokenization import train_tokenizer
 
+# 8.5 epochs of the bundled data: the held-out loss is still falling, balance has settled, and the four variants
+# take about 7-10 minutes on 2 CPU cores (BENCHMARKS.md, "Balancing").
 DEFAULT_STEPS = 1000
 QUICK_STEPS = 8
 QUICK_EVAL_BLOCKS = 4
@@ -347,9 +349,7 @@ def run_balance_benchmark(
     (out_dir / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
     table = results_table(summary)
     (out_dir / "results.md").write_text(table)
-    plot_curves(out_dir / "max_violation.png", results, "max_violation", "max violation (batch, mean over layers)")
-    plot_curves(out_dir / "lm_loss.png", results, "lm_loss", "LM loss (train, nats/token)")
-    plot_load_heatmaps(out_dir / "expert_load_heatmap.png", results)
+    write_plots(out_dir, summary)
     say(table)
     say(f"wrote results.json, results.md and 3 plots to {out_dir} in {summary['seconds']:.0f} s")
     return summary
@@ -375,7 +375,7 @@ def results_table(summary: dict[str, Any]) -> str:
         "| LM loss (train, last window) | train time (s) |",
         "|---|---:|---:|---:|---:|---:|",
     ]
-    for i, (name, r) in enumerate(summary["variants"].items()):
+    for i, r in enumerate(summary["variants"].values()):
         e = r["eval"]
         lines.append(
             f"| ({chr(ord('a') + i)}) {r['label']} | {e['max_violation']:.3f} | {e['load_entropy']:.4f} "
@@ -389,6 +389,15 @@ def results_table(summary: dict[str, Any]) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def write_plots(out_dir: str | Path, summary: dict[str, Any]) -> None:
+    """`max_violation.png`, `lm_loss.png` and `expert_load_heatmap.png` from a results dict (or a loaded
+    `results.json`), so plots can be redrawn without training again."""
+    out_dir, results = Path(out_dir), summary["variants"]
+    plot_curves(out_dir / "max_violation.png", results, "max_violation", "max violation (batch, mean over layers)")
+    plot_curves(out_dir / "lm_loss.png", results, "lm_loss", "LM loss (train, nats/token)")
+    plot_load_heatmaps(out_dir / "expert_load_heatmap.png", results)
 
 
 def _figure(figsize: tuple[float, float]):
@@ -405,7 +414,7 @@ def plot_curves(path: str | Path, results: dict[str, Any], key: str, ylabel: str
     """One line per variant of the history entry `key` against the step."""
     fig = _figure((7, 4.5))
     ax = fig.add_subplot()
-    for name, r in results.items():
+    for r in results.values():
         steps = [h["step"] for h in r["history"]]
         ax.plot(steps, [h[key] for h in r["history"]], label=r["label"])
     if key == "max_violation":
@@ -419,27 +428,35 @@ def plot_curves(path: str | Path, results: dict[str, Any], key: str, ylabel: str
 
 
 def plot_load_heatmaps(path: str | Path, results: dict[str, Any]) -> None:
-    """Held-out load of each expert relative to the layer mean (1 = balanced), layers x experts, per variant."""
+    """Held-out load of each expert relative to its layer's mean, layers x experts, one panel per variant.
+
+    The colour scale is logarithmic and centred on 1 (white = balanced, red = overloaded, blue = starved), so the
+    well-balanced variants are not washed out by an unbalanced one; empty experts are drawn at the lower bound.
+    """
+    from matplotlib.colors import LogNorm
+
     relative = {}
     for name, r in results.items():
         load_LE = torch.tensor(r["eval"]["expert_load"], dtype=torch.float64)
         relative[name] = load_LE / load_LE.mean(dim=-1, keepdim=True).clamp_min(1e-12)
-    vmax = max(float(rel.max()) for rel in relative.values())
+    bound = max(2.0, *(float(rel.max()) for rel in relative.values()))
+    norm = LogNorm(vmin=1 / bound, vmax=bound)
     cols = min(len(results), 2)
     rows = math.ceil(len(results) / cols)
     fig = _figure((6 * cols, 2.2 * rows + 0.8))
     axes = fig.subplots(rows, cols, squeeze=False).reshape(-1)
     image = None
     for ax, (name, r) in zip(axes, results.items()):
-        image = ax.imshow(relative[name].numpy(), aspect="auto", cmap="viridis", vmin=0.0, vmax=vmax)
+        rel_LE = relative[name].clamp(min=1 / bound)
+        image = ax.imshow(rel_LE.numpy(), aspect="auto", cmap="RdBu_r", norm=norm)
         ax.set_title(f"{r['label']}: max violation {r['eval']['max_violation']:.2f}", fontsize=9)
         ax.set_xlabel("expert")
         ax.set_ylabel("MoE layer")
-        ax.set_xticks(range(relative[name].shape[1]))
-        ax.set_yticks(range(relative[name].shape[0]))
+        ax.set_xticks(range(rel_LE.shape[1]))
+        ax.set_yticks(range(rel_LE.shape[0]))
         ax.tick_params(labelsize=7)
     for ax in axes[len(results) :]:
         ax.set_visible(False)
-    fig.colorbar(image, ax=list(axes[: len(results)]), label="load / mean load (held-out)")
+    fig.colorbar(image, ax=list(axes[: len(results)]), label="load / mean load (held-out, log scale)")
     fig.suptitle("llama4x tiny: held-out tokens per expert")
     fig.savefig(path, dpi=110)
