@@ -125,6 +125,17 @@ def route(logits_TE: torch.Tensor, config: Llama4XTextConfig, selection_bias_E: 
     return Routing(logits_TE, scores_TE, topk_index_TK, topk_weight_TK)
 
 
+class Llama4XRouter(nn.Linear):
+    """The router's linear map `(T, H) -> logits (T, E)`, computed in float32 whatever the model dtype (bf16 ties
+    flip the top-k choice). A module of its own so that hooks (accelerate offloading, PEFT) see its weight used."""
+
+    def __init__(self, config: Llama4XTextConfig):
+        super().__init__(config.hidden_size, config.num_local_experts, bias=False)
+
+    def forward(self, x_TH: torch.Tensor) -> torch.Tensor:
+        return F.linear(x_TH.float(), self.weight.float())
+
+
 class Llama4XMoE(nn.Module):
     """Shared experts plus top-k routed experts.
 
@@ -135,7 +146,7 @@ class Llama4XMoE(nn.Module):
     def __init__(self, config: Llama4XTextConfig):
         super().__init__()
         self.config = config
-        self.router = nn.Linear(config.hidden_size, config.num_local_experts, bias=False)
+        self.router = Llama4XRouter(config)
         self.experts = Llama4XExperts(config)
         shared_size = config.num_shared_experts * config.moe_intermediate_size
         self.shared_experts = Llama4XMLP(config, shared_size) if shared_size > 0 else None
@@ -151,7 +162,7 @@ class Llama4XMoE(nn.Module):
         if self.training and self.config.router_jitter_noise > 0:
             noise = self.config.router_jitter_noise
             router_in_TH = router_in_TH * torch.empty_like(router_in_TH).uniform_(1.0 - noise, 1.0 + noise)
-        logits_TE = F.linear(router_in_TH, self.router.weight.float())
+        logits_TE = self.router(router_in_TH).float()
         bias_E = None if self.e_score_correction_bias is None else self.e_score_correction_bias.float()
         routing = route(logits_TE, self.config, bias_E)
         routed_TH = self._run_experts(x_TH, routing)
