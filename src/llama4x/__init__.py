@@ -58,3 +58,21 @@ __all__ = [
     "Llama4XVisionModel",
     "lora_config",
 ]
+
+# Distillation imports transformers.Trainer, so its public names load on first access (`llama4x.DistillationTrainer`).
+_DISTILLATION_EXPORTS = (
+    "DistillationArguments",
+    "DistillationTrainer",
+    "distillation_loss",
+    "init_student_from_teacher",
+    "student_config",
+)
+__all__ += list(_DISTILLATION_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _DISTILLATION_EXPORTS:
+        from . import distillation
+
+        return getattr(distillation, name)
+    raise AttributeError(f"module 'llama4x' has no attribute {name!r}")

@@ -1,11 +1,14 @@
 """The `llama4x` command.
 
-    llama4x demo [--out DIR] [--steps N] [--seed S] [--quick]   # the main job, on bundled data
+    llama4x demo [--out DIR] [--quick] [--minutes N] [--seed S]   # the main job, on bundled data
     llama4x generate --model DIR --prompt TEXT [--max-new-tokens N] [--temperature T]
+    llama4x bench balance [--steps N] [--out DIR] [--seed S] [--quick]   # balancing benchmark, see BENCHMARKS.md
+    llama4x train [--model DIR | --preset NAME] [--dataset D] [--lora ...] [TrainingArguments ...]   # Trainer
+    llama4x distill --teacher DIR --out DIR [--student-kind llama4x|llama] [--layers N] [--loss L] [--offline] ...
     llama4x version                                            # or: llama4x --version
 
 Add `--debug` (before or after the subcommand) to get full tracebacks instead of a one-line error message.
-Subcommands are thin wrappers: the work lives in library functions (`llama4x.smoke.run_smoke`, ...).
+Subcommands are thin wrappers: the work lives in library functions (`llama4x.demo.run_demo`, ...).
 """
 
 from __future__ import annotations
@@ -14,8 +17,6 @@ import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-
-QUICK_STEPS = 12
 
 
 def _version() -> str:
@@ -28,10 +29,10 @@ def _version() -> str:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from .smoke import run_smoke
+    from .demo import DemoSettings, run_demo
 
-    steps = args.steps if args.steps is not None else (QUICK_STEPS if args.quick else 40)
-    run_smoke(args.out, steps=steps, seed=args.seed, eval_blocks=4 if args.quick else 16)
+    settings = DemoSettings.create(quick=args.quick, seed=args.seed, minutes=args.minutes, fusion=args.fusion)
+    run_demo(args.out, settings, stop_after=args.stop_after)
     return 0
 
 
@@ -61,6 +62,63 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench_balance(args: argparse.Namespace) -> int:
+    from .benchmarks.balance import run_balance_benchmark
+
+    run_balance_benchmark(
+        args.out,
+        steps=args.steps,
+        seed=args.seed,
+        quick=args.quick,
+        aux_loss_coef=args.aux_loss_coef,
+        bias_update_rate=args.bias_update_rate,
+    )
+    return 0
+
+
+def add_bench_balance_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of `llama4x bench balance` (also used by scripts/bench_balance.py)."""
+    from .benchmarks.balance import DEFAULT_STEPS, QUICK_STEPS
+
+    parser.add_argument("--out", default="benchmarks/balance", help="output folder (default: %(default)s)")
+    parser.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help=f"training steps per variant (default: {DEFAULT_STEPS}, or {QUICK_STEPS} with --quick)",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    parser.add_argument(
+        "--quick", action="store_true", help=f"a smoke-sized run: {QUICK_STEPS} steps and a small held-out set"
+    )
+    parser.add_argument(
+        "--aux-loss-coef",
+        type=float,
+        default=0.01,
+        help="router_aux_loss_coef of variants (b), (d) (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--bias-update-rate",
+        type=float,
+        default=0.001,
+        help="router_bias_update_rate of variants (c), (d) (default: %(default)s)",
+    )
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from .training import main as train_main
+
+    train_main(args.train_args)
+    return 0
+
+
+def _cmd_distill(args: argparse.Namespace) -> int:
+    from .distillation import run_distill_command
+
+    run_distill_command(args)
+    return 0
+
+
 def _cmd_version(args: argparse.Namespace) -> int:
     print(f"llama4x {_version()}")
     return 0
@@ -81,16 +139,30 @@ def make_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser(
         "demo",
         parents=[debug],
-        help="train a tokenizer and the tiny model on bundled data, evaluate, sample, save",
-        description="The main job: tokenizer + tiny llama4x trained on Python's docs; writes model, "
-        "tokenizer, results.json and loss_curve.png to --out.",
+        help="train, evaluate, LoRA-tune and distill a tiny multimodal MoE on bundled data, with a report",
+        description="The main job, offline on a CPU: tokenizer, early-fusion MoE teacher pretrained on Python's docs "
+        "and handwritten digits, evaluation, LoRA on a new question, distillation into dense students; writes the "
+        "models, report.md, report.json and plots to --out. Rerunning into the same --out resumes a run.",
     )
     demo.add_argument("--out", default="./llama4x-demo", help="output folder (default: %(default)s)")
+    demo.add_argument("--quick", action="store_true", help="a smoke-sized run (about 2 minutes, lower targets)")
     demo.add_argument(
-        "--steps", type=int, default=None, help=f"training steps (default: 40, or {QUICK_STEPS} with --quick)"
+        "--minutes",
+        type=float,
+        default=None,
+        help="fit the training steps to about N minutes on this machine (measured); default: fixed steps, about 10 "
+        "minutes on 2 CPU cores",
     )
     demo.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
-    demo.add_argument("--quick", action="store_true", help=f"a fast run: {QUICK_STEPS} steps and a smaller eval set")
+    demo.add_argument(
+        "--fusion", default="patch", choices=("patch", "encoder"), help="vision front-end (default: %(default)s)"
+    )
+    demo.add_argument(
+        "--stop-after",
+        default=None,
+        choices=("tokenizer", "teacher", "evaluate", "lora", "distill"),
+        help="last stage before the report (default: all)",
+    )
     demo.set_defaults(func=_cmd_demo)
 
     gen = sub.add_parser("generate", parents=[debug], help="generate text from a saved model folder")
@@ -100,6 +172,35 @@ def make_parser() -> argparse.ArgumentParser:
     gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default), > 0 samples")
     gen.add_argument("--seed", type=int, default=0, help="random seed for sampling (default: %(default)s)")
     gen.set_defaults(func=_cmd_generate)
+
+    bench = sub.add_parser("bench", parents=[debug], help="run a benchmark (see BENCHMARKS.md)")
+    bench_sub = bench.add_subparsers(dest="benchmark", metavar="BENCHMARK", required=True)
+    balance = bench_sub.add_parser(
+        "balance",
+        parents=[debug],
+        help="train the tiny preset with four load-balancing variants under one budget and compare them",
+        description="No balancing / aux loss / loss-free bias / both on the tiny preset, same data, init and steps; "
+        "writes results.json, results.md and PNG plots to --out.",
+    )
+    add_bench_balance_arguments(balance)
+    balance.set_defaults(func=_cmd_bench_balance)
+
+    # Its options (ours plus every TrainingArguments field) belong to `llama4x.training`'s HfArgumentParser, which
+    # receives everything after `train`; `llama4x train --help` lists them. Use `llama4x --debug train ...`.
+    train = sub.add_parser("train", add_help=False, help="train or fine-tune with transformers.Trainer (--help)")
+    train.set_defaults(func=_cmd_train)
+
+    from .distillation import add_distill_arguments
+
+    distill = sub.add_parser(
+        "distill",
+        parents=[debug],
+        help="distill a llama4x MoE teacher into a dense student (llama4x or Llama kind)",
+        description="Student from the teacher's config and weights, trained with DistillationTrainer on bundled data "
+        "next to a labels-only student; writes both, and distillation_report.{md,json,png}, to --out.",
+    )
+    add_distill_arguments(distill)
+    distill.set_defaults(func=_cmd_distill)
 
     ver = sub.add_parser("version", parents=[debug], help="print the installed llama4x version")
     ver.set_defaults(func=_cmd_version)
@@ -112,7 +213,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     Usage errors exit with status 2 (argparse). An exception inside a subcommand prints `llama4x: error: ...` on
     stderr and returns 1, or re-raises with `--debug`.
     """
-    args = make_parser().parse_args(argv)
+    parser = make_parser()
+    args, extra = parser.parse_known_args(argv)
+    if args.command == "train":
+        args.train_args = extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return args.func(args)
     except KeyboardInterrupt:

@@ -12,9 +12,8 @@ Parts, each selectable on its own:
 The dense FFN and the shared experts both have `gate_proj/up_proj/down_proj`; `target_modules` is a regex over the
 full module names, so each part reaches only its own layers.
 
-The router is trained in full rather than with LoRA: the MoE block computes the router logits from
-`router.weight` in float32 instead of calling the module, so a LoRA wrapper on it would be bypassed; and a router
-is tiny (`E x H`), so a rank-r adapter would save at most a factor `E / r` anyway.
+The router is trained in full (`modules_to_save`) rather than with LoRA: it is tiny (`E x H`), so a rank-r adapter
+would save at most a factor `E / r`, and its logits stay a float32 linear map of the exact trained weights.
 
     model = AutoModelForCausalLM.from_pretrained(...)
     peft_model = get_peft_model(model, llama4x.lora_config(model, parts=("attention", "routed_experts"), r=8))

@@ -1,0 +1,724 @@
+"""The library behind `llama4x train`: fine-tune or pretrain llama4x with `transformers.Trainer`.
+
+    llama4x train --preset tiny --dataset pydocs --output-dir out --max-steps 200
+    llama4x train --model DIR --dataset chat.jsonl --lora --lora-parts attention,routed_experts --output-dir out
+    accelerate launch --multi_gpu --num_processes 2 scripts/train.py --use_cpu --model DIR --dataset data.parquet ...
+
+Several processes: `accelerate launch` starts them (torchrun) and the Trainer wraps the model in DDP; on a machine
+without GPUs `--use_cpu` makes them CPU processes that reduce over gloo (accelerate's own `--cpu` flag starts a
+single process unless MPI is set up). Every parameter takes part in every step (each layer's experts are one
+stacked parameter), so DDP runs without its unused-parameter search, and experts that get no tokens cannot hang it.
+
+Arguments come from four dataclasses parsed together by `HfArgumentParser`: `ModelArguments`, `DataArguments`,
+`LoraArguments` and `Llama4XTrainingArguments` (every `transformers.TrainingArguments` field, plus `--resume`).
+
+Datasets (`--dataset`):
+    pydocs               Python's own documentation (bundled), language modelling;
+    digits               scikit-learn's handwritten digits as visual question answering (needs a multimodal model);
+    PATH.txt             language modelling on the text (one example per paragraph by default);
+    PATH.jsonl / .json / .parquet, by columns:
+        `text`                        language modelling;
+        `prompt` + `answer`           chat (one user turn, one assistant turn);
+        `messages`                    chat (`[{"role": ..., "content": ...}, ...]`);
+        `image` + `prompt` + `answer` image-text chat (`image` a path, relative to the data file's folder).
+Language-modelling text is packed into `--block-size` blocks (`--no-packing`: one truncated example per document).
+Chat uses the chat template of the tokenizer (llama4x's by default); with `--answer-only-loss` (the default) only
+assistant tokens are supervised. Part of the data (`--eval-fraction`) is held out; the final metrics include the
+eval LM loss, perplexity and next-token accuracy on supervised tokens.
+
+Logs: the Trainer's loss plus `lm_loss`, `aux_loss`, `z_loss` (the unweighted balancing losses) and the routing
+statistics of `llama4x.monitoring.RoutingStatsCallback`. The output folder receives the model (or the LoRA adapter),
+the tokenizer or processor, `train_results.json`, `loss_curve.png` and `expert_load.png`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from transformers import HfArgumentParser, PreTrainedTokenizerBase, Trainer, TrainingArguments, set_seed
+from transformers.trainer_utils import get_last_checkpoint
+from transformers.utils import logging
+
+from .data import IGNORE_INDEX, pack_token_ids, python_docs_texts
+from .monitoring import RoutingStatsCallback, find_text_model
+from .tokenization import CHAT_TEMPLATE
+
+logger = logging.get_logger(__name__)
+
+BUNDLED_DATASETS = ("pydocs", "digits")
+_FILE_BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+
+
+@dataclass
+class ModelArguments:
+    model: str | None = field(
+        default=None,
+        metadata={
+            "help": "Folder (or Hub id) of a llama4x model to fine-tune; without it a model is built from --preset."
+        },
+    )
+    preset: str = field(
+        default="tiny", metadata={"help": "Preset of a new, randomly initialised model (tiny, scout, maverick)."}
+    )
+    config_overrides: str | None = field(
+        default=None,
+        metadata={
+            "help": "JSON object of text-config fields to override, e.g. '{\"router_bias_update_rate\": 0.001}' "
+            "(applied to --preset and to --model alike)."
+        },
+    )
+    tokenizer: str | None = field(
+        default=None,
+        metadata={
+            "help": "Tokenizer folder; defaults to --model. A new model without one gets a byte-level BPE tokenizer "
+            "trained on the training data."
+        },
+    )
+    tokenizer_vocab_size: int = field(default=2048, metadata={"help": "Vocabulary size of a newly trained tokenizer."})
+    experts_implementation: str | None = field(
+        default=None, metadata={"help": "Routed experts kernel: grouped_mm (default), batched_mm or eager."}
+    )
+    attn_implementation: str | None = field(default=None, metadata={"help": "Attention kernel: sdpa, eager, ..."})
+
+
+@dataclass
+class DataArguments:
+    dataset: str = field(
+        default="pydocs",
+        metadata={"help": "pydocs | digits | path to a .txt, .jsonl/.json or .parquet file (see `llama4x.training`)."},
+    )
+    eval_dataset: str | None = field(
+        default=None, metadata={"help": "Separate eval file (same format); otherwise --eval-fraction is held out."}
+    )
+    eval_fraction: float = field(
+        default=0.1, metadata={"help": "Share of the examples (documents) held out for evaluation; 0 disables it."}
+    )
+    block_size: int = field(
+        default=256, metadata={"help": "Tokens per packed block; the maximum length of other examples."}
+    )
+    packing: bool = field(
+        default=True, metadata={"help": "Pack language-modelling text into full blocks (EOS between documents)."}
+    )
+    answer_only_loss: bool = field(
+        default=True, metadata={"help": "For chat data, supervise only the assistant turns (else every token)."}
+    )
+    text_column: str = field(default="text", metadata={"help": "Column of language-modelling text."})
+    prompt_column: str = field(default="prompt", metadata={"help": "Column of the user prompt (chat data)."})
+    answer_column: str = field(default="answer", metadata={"help": "Column of the assistant answer (chat data)."})
+    messages_column: str = field(default="messages", metadata={"help": "Column of conversations (chat data)."})
+    image_column: str = field(default="image", metadata={"help": "Column of image paths (image-text data)."})
+    text_sample_by: str = field(
+        default="paragraph", metadata={"help": "How a .txt file splits into examples: line, paragraph or document."}
+    )
+    max_train_samples: int | None = field(
+        default=None, metadata={"help": "Keep only the first N training examples (after packing)."}
+    )
+
+
+@dataclass
+class LoraArguments:
+    lora: bool = field(default=False, metadata={"help": "Train LoRA adapters (PEFT) instead of all weights."})
+    lora_parts: str = field(
+        default="attention,shared_experts,dense_ffn,routed_experts,router",
+        metadata={"help": "Comma-separated parts to adapt, from llama4x.LORA_PARTS."},
+    )
+    lora_r: int = field(default=8, metadata={"help": "LoRA rank."})
+    lora_alpha: float = field(default=16.0, metadata={"help": "LoRA alpha (scaling = alpha / r)."})
+    lora_dropout: float = field(
+        default=0.0, metadata={"help": "LoRA dropout (PEFT supports none on the routed experts)."}
+    )
+
+
+@dataclass
+class Llama4XTrainingArguments(TrainingArguments):
+    output_dir: str | None = field(
+        default="llama4x-train", metadata={"help": "Where checkpoints, the final model and the plots go."}
+    )
+    resume: bool = field(
+        default=False,
+        metadata={
+            "help": "Resume from the last checkpoint in --output-dir (see --resume-from-checkpoint for a path)."
+        },
+    )
+
+
+def make_parser() -> HfArgumentParser:
+    return HfArgumentParser((ModelArguments, DataArguments, LoraArguments, Llama4XTrainingArguments))
+
+
+def parse_args(
+    argv: Sequence[str] | None = None,
+) -> tuple[ModelArguments, DataArguments, LoraArguments, Llama4XTrainingArguments]:
+    """Parse command-line arguments (default `sys.argv[1:]`); unknown arguments are an error."""
+    return make_parser().parse_args_into_dataclasses(args=list(sys.argv[1:] if argv is None else argv))
+
+
+# ---- data ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainData:
+    """What the Trainer needs from the data: datasets, their collator and the kind (`lm`, `chat`, `image_text`)."""
+
+    kind: str
+    train: Any
+    eval: Any | None
+    collator: Any
+
+
+class PaddingCollator:
+    """Pad `input_ids` / `attention_mask` / `labels` lists to the longest row (right padding; labels with -100)."""
+
+    def __init__(self, pad_token_id: int):
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, rows: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        length = max(len(row["input_ids"]) for row in rows)
+        pads = {"input_ids": self.pad_token_id, "attention_mask": 0, "labels": IGNORE_INDEX}
+        return {
+            key: torch.tensor([list(row[key]) + [pad] * (length - len(row[key])) for row in rows], dtype=torch.long)
+            for key, pad in pads.items()
+        }
+
+
+def _load_file(path: str, data_args: DataArguments):
+    import datasets
+
+    suffix = Path(path).suffix.lower()
+    if suffix not in _FILE_BUILDERS:
+        raise ValueError(
+            f"--dataset {path!r}: expected one of {BUNDLED_DATASETS} or a file ending in {sorted(_FILE_BUILDERS)}."
+        )
+    if not Path(path).is_file():
+        raise ValueError(f"--dataset {path!r} is not a file.")
+    kwargs = {}
+    if suffix == ".txt":
+        if data_args.text_sample_by not in ("line", "paragraph", "document"):
+            raise ValueError(f"--text-sample-by {data_args.text_sample_by!r}: expected line, paragraph or document.")
+        kwargs["sample_by"] = data_args.text_sample_by
+    return datasets.load_dataset(_FILE_BUILDERS[suffix], data_files=str(path), split="train", **kwargs)
+
+
+def data_kind(columns: Sequence[str], data_args: DataArguments) -> str:
+    """`image_text`, `chat` or `lm` from a table's column names."""
+    has = set(columns)
+    prompt_answer = {data_args.prompt_column, data_args.answer_column} <= has
+    if data_args.image_column in has and prompt_answer:
+        return "image_text"
+    if data_args.messages_column in has or prompt_answer:
+        return "chat"
+    if data_args.text_column in has:
+        return "lm"
+    raise ValueError(
+        f"Cannot tell the kind of data from its columns {sorted(has)}: expected {data_args.text_column!r} (language "
+        f"modelling), {data_args.messages_column!r} or {data_args.prompt_column!r} + {data_args.answer_column!r} (chat), "
+        f"or {data_args.image_column!r} + prompt + answer (image-text); see the --*-column options."
+    )
+
+
+def conversation(row: dict[str, Any], data_args: DataArguments) -> list[dict[str, Any]]:
+    """The messages of one chat row (a `messages` list, or a prompt/answer pair)."""
+    if data_args.messages_column in row and row[data_args.messages_column] is not None:
+        return list(row[data_args.messages_column])
+    return [
+        {"role": "user", "content": row[data_args.prompt_column]},
+        {"role": "assistant", "content": row[data_args.answer_column]},
+    ]
+
+
+def tokenize_chat(
+    tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, Any]], max_length: int, answer_only: bool = True
+) -> dict[str, list[int]]:
+    """`input_ids` and `labels` of a conversation rendered with the tokenizer's chat template.
+
+    The rendering is cut at every assistant turn and the pieces are tokenized separately, so the supervised tokens
+    (each assistant reply and its end-of-turn token) are exactly those a model generates after the templated prompt
+    (`apply_chat_template(..., add_generation_prompt=True)`). Truncated to `max_length` tokens.
+    """
+    template = tokenizer.chat_template or CHAT_TEMPLATE
+
+    def render(upto: int, generation_prompt: bool) -> str:
+        return tokenizer.apply_chat_template(
+            messages[:upto], chat_template=template, tokenize=False, add_generation_prompt=generation_prompt
+        )
+
+    input_ids: list[int] = []
+    labels: list[int] = []
+    rendered = ""
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        prompt = render(i, True)
+        reply = render(i + 1, False)
+        for text, supervised in ((prompt[len(rendered) :], not answer_only), (reply[len(prompt) :], True)):
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+            input_ids += ids
+            labels += ids if supervised else [IGNORE_INDEX] * len(ids)
+        rendered = reply
+    tail = render(len(messages), False)[len(rendered) :]  # turns after the last assistant reply
+    if tail:
+        ids = tokenizer(tail, add_special_tokens=False)["input_ids"]
+        input_ids += ids
+        labels += ids if not answer_only else [IGNORE_INDEX] * len(ids)
+    return {"input_ids": input_ids[:max_length], "labels": labels[:max_length]}
+
+
+def _lm_dataset(texts, tokenizer: PreTrainedTokenizerBase, data_args: DataArguments, column: str):
+    """Tokenized (and packed) language-modelling examples from a `datasets.Dataset` with a text column."""
+    block, eos = data_args.block_size, tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    texts = texts.filter(lambda row: bool(row[column] and row[column].strip()))
+
+    def tokenize(batch):
+        ids = tokenizer(batch[column])["input_ids"]
+        if data_args.packing:
+            blocks, masks = pack_token_ids(ids, block, eos_id=eos, pad_id=pad)
+        else:
+            blocks = [row[:block] for row in ids]
+            masks = [[1] * len(row) for row in blocks]
+        labels = [[t if m else IGNORE_INDEX for t, m in zip(b, ms)] for b, ms in zip(blocks, masks)]
+        return {"input_ids": blocks, "attention_mask": masks, "labels": labels}
+
+    return texts.map(tokenize, batched=True, remove_columns=texts.column_names, desc="tokenizing")
+
+
+def _chat_dataset(rows, tokenizer: PreTrainedTokenizerBase, data_args: DataArguments):
+    def tokenize(row):
+        out = tokenize_chat(tokenizer, conversation(row, data_args), data_args.block_size, data_args.answer_only_loss)
+        return {**out, "attention_mask": [1] * len(out["input_ids"])}
+
+    tokenized = rows.map(tokenize, remove_columns=rows.column_names, desc="tokenizing")
+    return tokenized.filter(lambda row: any(t != IGNORE_INDEX for t in row["labels"]))  # truncated to no answer
+
+
+class ImageTextRecords(torch.utils.data.Dataset):
+    """Image-text rows as `{"image": PIL image, "question": ..., "answer": ...}` records, images opened on access."""
+
+    def __init__(self, rows, data_args: DataArguments, root: Path):
+        self.rows, self.data_args, self.root = rows, data_args, root
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        from PIL import Image
+
+        row, args = self.rows[index], self.data_args
+        image = row[args.image_column]
+        if isinstance(image, str):
+            path = Path(image) if Path(image).is_absolute() else self.root / image
+            with Image.open(path) as opened:
+                image = opened.convert("RGB")
+        return {"image": image, "question": row[args.prompt_column], "answer": row[args.answer_column]}
+
+
+def _split(dataset, fraction: float, seed: int):
+    if fraction <= 0:
+        return dataset, None
+    if not 0 < fraction < 1:
+        raise ValueError(f"--eval-fraction {fraction!r}: expected a share in [0, 1).")
+    if len(dataset) < 2:
+        raise ValueError(
+            f"{len(dataset)} example(s): need at least 2 to hold out an eval split (or --eval-fraction 0)."
+        )
+    parts = dataset.train_test_split(test_size=max(1, round(len(dataset) * fraction)), seed=seed)
+    return parts["train"], parts["test"]
+
+
+def load_raw_data(data_args: DataArguments, seed: int = 0) -> tuple[str, Any, Any | None, Path | None]:
+    """`(kind, train, eval, root)` of untokenized rows: `datasets.Dataset`s, or record lists for digits."""
+    if data_args.dataset == "pydocs":
+        import datasets
+
+        rows = datasets.Dataset.from_dict({data_args.text_column: python_docs_texts()})
+        return ("lm", *_split(rows, data_args.eval_fraction, seed), None)
+    if data_args.dataset == "digits":
+        from .data import digits_vqa
+
+        train, test = digits_vqa()
+        return "digits", train, (test if data_args.eval_fraction > 0 else None), None
+    rows = _load_file(data_args.dataset, data_args)
+    kind = data_kind(rows.column_names, data_args)
+    if data_args.eval_dataset:
+        eval_rows = _load_file(data_args.eval_dataset, data_args)
+        train, evaluation = rows, eval_rows
+    else:
+        train, evaluation = _split(rows, data_args.eval_fraction, seed)
+    return kind, train, evaluation, Path(data_args.dataset).parent
+
+
+def texts_for_tokenizer(kind: str, rows, data_args: DataArguments) -> list[str]:
+    """The training text a new tokenizer learns from."""
+    if kind == "lm":
+        return [text for text in rows[data_args.text_column] if text]
+    if kind == "chat":
+        return [message["content"] for row in rows for message in conversation(row, data_args) if message["content"]]
+    raise ValueError(f"A new tokenizer cannot be trained for {kind} data: pass --model or --tokenizer.")
+
+
+def build_data(kind: str, train, evaluation, root, processing, data_args: DataArguments) -> TrainData:
+    """Tokenize / wrap the raw rows for the Trainer."""
+    if kind in ("digits", "image_text"):
+        from .data import DigitsCollator
+
+        if not hasattr(processing, "image_processor"):
+            raise ValueError(
+                f"--dataset {data_args.dataset}: image-text data needs a multimodal model with a processor."
+            )
+        if kind == "image_text":
+            train = ImageTextRecords(train, data_args, root)
+            evaluation = ImageTextRecords(evaluation, data_args, root) if evaluation is not None else None
+        return TrainData(kind, train, evaluation, DigitsCollator(processing))
+    tokenizer = processing
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if kind == "lm":
+        make = lambda rows: _lm_dataset(rows, tokenizer, data_args, data_args.text_column)
+    else:
+        make = lambda rows: _chat_dataset(rows, tokenizer, data_args)
+    train = make(train)
+    if data_args.max_train_samples is not None:
+        train = train.select(range(min(data_args.max_train_samples, len(train))))
+    return TrainData(kind, train, make(evaluation) if evaluation is not None else None, PaddingCollator(pad))
+
+
+# ---- model --------------------------------------------------------------------------------------------------------
+
+
+def _overrides(model_args: ModelArguments) -> dict[str, Any]:
+    if not model_args.config_overrides:
+        return {}
+    try:
+        overrides = json.loads(model_args.config_overrides)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"--config-overrides is not valid JSON: {error}") from error
+    if not isinstance(overrides, dict):
+        raise ValueError(f"--config-overrides must be a JSON object, got {model_args.config_overrides!r}.")
+    return overrides
+
+
+def load_processing(model_args: ModelArguments, multimodal: bool):
+    """The tokenizer (text data) or processor (image-text data) of `--tokenizer` / `--model`, or None."""
+    source = model_args.tokenizer or model_args.model
+    if source is None:
+        return None
+    if multimodal:
+        from transformers import AutoProcessor
+
+        return AutoProcessor.from_pretrained(source)
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(source)
+
+
+def build_model(model_args: ModelArguments, tokenizer: PreTrainedTokenizerBase, multimodal: bool):
+    """`--model` loaded with its config overridden, or a new `--preset` model sized to the tokenizer."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
+
+    from .configuration_llama4x import Llama4XTextConfig
+
+    overrides = _overrides(model_args)
+    kwargs = {}
+    if model_args.attn_implementation:
+        kwargs["attn_implementation"] = model_args.attn_implementation
+    if model_args.experts_implementation:
+        kwargs["experts_implementation"] = model_args.experts_implementation
+    auto = AutoModelForImageTextToText if multimodal else AutoModelForCausalLM
+    if model_args.model:
+        config = AutoConfig.from_pretrained(model_args.model)
+        text_config = getattr(config, "text_config", config)
+        unknown = [key for key in overrides if not hasattr(text_config, key)]
+        if unknown:
+            raise ValueError(f"--config-overrides: {type(text_config).__name__} has no field(s) {unknown}.")
+        if overrides:  # rebuilt, so that derived fields and validation see the new values
+            text_config = type(text_config).from_dict({**text_config.to_dict(), **overrides})
+            if hasattr(config, "text_config"):
+                config.text_config = text_config
+            else:
+                config = text_config
+        return auto.from_pretrained(model_args.model, config=config, **kwargs)
+    if multimodal:
+        raise ValueError("Image-text training needs --model: a multimodal llama4x folder with its processor.")
+    config = Llama4XTextConfig.from_preset(
+        model_args.preset,
+        vocab_size=len(tokenizer),
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        **overrides,
+    )
+    return auto.from_config(config, **kwargs)
+
+
+def apply_lora(model, lora_args: LoraArguments):
+    from peft import get_peft_model
+
+    from .lora import lora_config
+
+    parts = tuple(part.strip() for part in lora_args.lora_parts.split(",") if part.strip())
+    text_model = find_text_model(model)
+    if text_model is not None and text_model.config.router_bias_update_rate > 0:
+        # The biases are base-model buffers, which an adapter does not save: updating them would make the adapter
+        # depend on state it cannot restore. LoRA keeps the whole base frozen, the routing biases included.
+        logger.warning("LoRA: the loss-free balancing biases stay fixed (router_bias_update_rate set to 0).")
+        text_model.config.router_bias_update_rate = 0.0
+    config = lora_config(
+        model, parts=parts, r=lora_args.lora_r, alpha=lora_args.lora_alpha, dropout=lora_args.lora_dropout
+    )
+    peft_model = get_peft_model(model, config)
+    trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in peft_model.parameters())
+    logger.info(f"LoRA on {parts}: {trainable:,} trainable of {total:,} parameters")
+    return peft_model
+
+
+# ---- trainer ------------------------------------------------------------------------------------------------------
+
+
+def _supervised_logits(logits) -> torch.Tensor:
+    """The `(B, S, V)` logits among the tensors `prediction_step` collected (it may add aux/z losses first)."""
+    if isinstance(logits, torch.Tensor):
+        return logits
+    return next(t for t in logits if isinstance(t, torch.Tensor) and t.dim() == 3)
+
+
+def preprocess_logits_for_metrics(logits, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reduce each eval batch to `(prediction (B, S), nll (B, S))`, aligned with `labels`: position t holds the
+    argmax and the cross-entropy of the prediction of token t (made at t - 1); position 0 holds nothing."""
+    logits = _supervised_logits(logits)
+    shift_labels = labels[:, 1:]
+    nll = F.cross_entropy(
+        logits[:, :-1].float().transpose(1, 2), shift_labels, ignore_index=IGNORE_INDEX, reduction="none"
+    )
+    prediction = logits[:, :-1].argmax(-1)
+    first = torch.zeros_like(labels[:, :1])
+    return torch.cat([first, prediction], dim=1), torch.cat([first.float(), nll], dim=1)
+
+
+def compute_metrics(eval_prediction) -> dict[str, float]:
+    """LM loss (without balancing terms), perplexity and next-token accuracy over the supervised tokens."""
+    (prediction, nll), labels = eval_prediction.predictions, eval_prediction.label_ids
+    mask = labels != IGNORE_INDEX
+    mask[:, 0] = False
+    count = max(int(mask.sum()), 1)
+    lm_loss = float(nll[mask].sum() / count)
+    return {
+        "lm_loss": lm_loss,
+        "perplexity": math.exp(min(lm_loss, 80.0)),
+        "accuracy": float((prediction[mask] == labels[mask]).sum() / count),
+    }
+
+
+class Llama4XTrainer(Trainer):
+    """`Trainer` that logs the LM loss and the balancing losses separately and weights the balancing losses as
+    per-batch means under gradient accumulation and data parallelism.
+
+    With a token-count-normalised LM loss (`num_items_in_batch`), the Trainer neither divides the loss by the
+    accumulation steps nor averages it over processes (it multiplies by the process count instead); right for the
+    LM loss (a sum over tokens), wrong for the balancing losses the model adds (means over one micro-batch). This
+    rescales them to their mean over micro-batches and processes, which is what a single process sees.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._loss_parts: dict[str, torch.Tensor] = {}
+        self._loss_parts_steps = 0.0
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        training = model.training
+        if training:
+            inputs = {**inputs, "output_router_logits": True}  # aux/z losses for the logs
+        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        if training and loss is not None:
+            loss = self._reweight_and_record(loss, outputs, num_items_in_batch)
+        return (loss, outputs) if return_outputs else loss
+
+    def _reweight_and_record(self, loss, outputs, num_items_in_batch):
+        text_model = find_text_model(self.accelerator.unwrap_model(self.model))
+        config = text_model.config if text_model is not None else None
+        aux, z = getattr(outputs, "aux_loss", None), getattr(outputs, "z_loss", None)
+        balancing = torch.zeros((), device=loss.device)
+        if config is not None and aux is not None and config.router_aux_loss_coef > 0:
+            balancing = balancing + config.router_aux_loss_coef * aux.to(loss.device)
+        if config is not None and z is not None and config.router_z_loss_coef > 0:
+            balancing = balancing + config.router_z_loss_coef * z.to(loss.device)
+        steps = self.current_gradient_accumulation_steps
+        normalised = self.model_accepts_loss_kwargs and num_items_in_batch is not None
+        process_scale = 1
+        if normalised and self.args.average_tokens_across_devices:
+            tp_size = self.get_tp_size() if hasattr(self, "get_tp_size") else 1
+            process_scale = self.accelerator.num_processes // tp_size
+        if normalised:
+            # loss = (lm + balancing) * process_scale, summed over micro-batches and averaged over processes by DDP.
+            loss = loss - balancing * (process_scale - 1.0 / steps)
+            lm_share = loss.detach() - balancing.detach() / steps
+        else:  # the Trainer divides the whole loss by the accumulation steps
+            lm_share = (loss.detach() - balancing.detach()) / steps
+        parts = {"lm_loss": lm_share}
+        if aux is not None:
+            parts["aux_loss"] = aux.detach().float() / steps
+        if z is not None:
+            parts["z_loss"] = z.detach().float() / steps
+        for key, value in parts.items():
+            self._loss_parts[key] = self._loss_parts.get(key, 0.0) + value.to(loss.device)
+        self._loss_parts_steps += 1.0 / steps
+        return loss
+
+    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
+        if "loss" in logs and self._loss_parts_steps > 0:
+            for key, total in self._loss_parts.items():
+                gathered = self.accelerator.gather(total.reshape(1)).mean()
+                logs[key] = round(gathered.item() / self._loss_parts_steps, 6)
+            self._loss_parts, self._loss_parts_steps = {}, 0.0
+        super().log(logs, *args, **kwargs)
+
+
+# ---- plots and results --------------------------------------------------------------------------------------------
+
+
+def plot_losses(log_history: list[dict[str, Any]], path: str | Path) -> Path:
+    """PNG of the training loss (and LM loss) per logged step and the eval LM loss."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6, 4))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    for key, label, style in (
+        ("loss", "train loss", "-"),
+        ("lm_loss", "train LM loss", "--"),
+        ("eval_lm_loss", "eval LM loss", "o-"),
+    ):
+        points = [(entry["step"], entry[key]) for entry in log_history if key in entry and "step" in entry]
+        if points:
+            ax.plot(*zip(*points), style, label=label)
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.set_title("llama4x training")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    return path
+
+
+def balancing_bias_spread(trainer: Trainer) -> float | None:
+    """Largest difference of the loss-free balancing biases between processes (0 when they agree), or None."""
+    text_model = find_text_model(trainer.accelerator.unwrap_model(trainer.model))
+    if text_model is None:
+        return None
+    biases = [b.e_score_correction_bias for b in text_model.moe_blocks if b.e_score_correction_bias is not None]
+    if not biases:
+        return None
+    local = torch.stack(biases).float().to(trainer.args.device)  # (L, E)
+    gathered = trainer.accelerator.gather(local.unsqueeze(0))  # (processes, L, E)
+    return float((gathered - gathered[:1]).abs().max())
+
+
+def new_tokenizer(kind, train_rows, data_args, model_args, training_args, resume) -> PreTrainedTokenizerBase:
+    """A byte-level BPE tokenizer trained on the training rows, or the one a resumed run trained.
+
+    The main process trains and saves it (to `output_dir/tokenizer`); every process then loads that copy, so all
+    processes of a distributed run share one vocabulary.
+    """
+    from transformers import AutoTokenizer
+
+    from .tokenization import train_tokenizer
+
+    if resume is not None and (Path(resume) / "tokenizer.json").is_file():
+        return AutoTokenizer.from_pretrained(resume)
+    folder = Path(training_args.output_dir) / "tokenizer"
+    with training_args.main_process_first(desc="tokenizer"):
+        if training_args.local_process_index == 0:
+            texts = texts_for_tokenizer(kind, train_rows, data_args)
+            train_tokenizer(texts, vocab_size=model_args.tokenizer_vocab_size).save_pretrained(folder)
+        return AutoTokenizer.from_pretrained(folder)
+
+
+# ---- entry point --------------------------------------------------------------------------------------------------
+
+
+def train(
+    model_args: ModelArguments,
+    data_args: DataArguments,
+    lora_args: LoraArguments,
+    training_args: Llama4XTrainingArguments,
+    callbacks: Sequence[Any] = (),
+) -> dict[str, Any]:
+    """Run one training job; returns the final metrics (also written to `output_dir/train_results.json`)."""
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched > 1 and training_args.world_size == 1:
+        raise ValueError(
+            f"Launched as {launched} processes, but the Trainer sees no data-parallel group (each process would train "
+            "alone on all the data). On a machine without GPUs pass --use_cpu, so the processes reduce over gloo."
+        )
+    set_seed(training_args.seed)
+    output_dir = Path(training_args.output_dir)
+    kind, train_rows, eval_rows, root = load_raw_data(data_args, training_args.seed)
+    multimodal = kind in ("digits", "image_text")
+
+    resume = training_args.resume_from_checkpoint
+    if training_args.resume and resume is None:
+        resume = get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
+        if resume is None:
+            raise ValueError(f"--resume: no checkpoint-* folder in --output-dir {str(output_dir)!r}.")
+
+    processing = load_processing(model_args, multimodal)
+    if processing is None:
+        processing = new_tokenizer(kind, train_rows, data_args, model_args, training_args, resume)
+    tokenizer = processing.tokenizer if multimodal else processing
+    with training_args.main_process_first(desc="dataset"):
+        data = build_data(kind, train_rows, eval_rows, root, processing, data_args)
+
+    model = build_model(model_args, tokenizer, multimodal)
+    if lora_args.lora:
+        model = apply_lora(model, lora_args)
+    if multimodal:
+        training_args.remove_unused_columns = False  # the collator reads the raw records
+    elif training_args.ddp_find_unused_parameters is None:
+        # Stacked experts are one parameter per projection, used whenever any expert of the layer gets a token, so
+        # every parameter takes part in every step; skipping DDP's unused-parameter search is safe and cheaper.
+        training_args.ddp_find_unused_parameters = False
+
+    trainer = Llama4XTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=data.train,
+        eval_dataset=data.eval,
+        data_collator=data.collator,
+        processing_class=processing,
+        compute_metrics=compute_metrics if data.eval is not None else None,
+        preprocess_logits_for_metrics=preprocess_logits_for_metrics if data.eval is not None else None,
+        callbacks=list(callbacks),
+    )
+    RoutingStatsCallback.attach(trainer)
+
+    train_output = trainer.train(resume_from_checkpoint=resume)
+    metrics = dict(train_output.metrics)
+    if data.eval is not None:
+        metrics.update(trainer.evaluate())
+    spread = balancing_bias_spread(trainer)
+    if spread is not None:
+        metrics["moe/balancing_bias_process_spread"] = spread
+    trainer.save_model()
+    if trainer.is_world_process_zero():
+        trainer.save_state()
+        results = {"metrics": metrics, "log_history": trainer.state.log_history, "data_kind": kind}
+        (output_dir / "train_results.json").write_text(json.dumps(results, indent=2) + "\n")
+        plot_losses(trainer.state.log_history, output_dir / "loss_curve.png")
+    return metrics
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """`llama4x train` / `scripts/train.py`: parse `argv` and train."""
+    return train(*parse_args(argv))

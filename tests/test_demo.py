@@ -1,0 +1,243 @@
+"""Tests for `llama4x demo`: the quick run end to end in a subprocess (outputs, finite numbers, loadable models,
+resuming), and the stage orchestration (skip, redo, failure, settings) with stand-in stages."""
+
+import json
+import math
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
+
+import llama4x
+from llama4x import demo
+from llama4x.cli import main
+
+pytest.importorskip("sklearn", reason="the demo's digits data needs scikit-learn (the `demo` extra)")
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _llama4x(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    script = Path(sys.executable).parent / "llama4x"
+    assert script.exists(), f"console script {script} is missing: install the package (bash scripts/setup.sh)"
+    return subprocess.run([str(script), *args], capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    """`llama4x demo --quick` once, in a subprocess; yields (folder, report.json, completed process, seconds)."""
+    out = tmp_path_factory.mktemp("demo") / "run"
+    start = time.perf_counter()
+    proc = _llama4x("demo", "--quick", "--out", str(out))
+    seconds = time.perf_counter() - start
+    assert proc.returncode == 0, f"demo failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return out, json.loads((out / "report.json").read_text()), proc, seconds
+
+
+def _numbers(value, path=""):
+    """Every int / float in a JSON value, with its path."""
+    if isinstance(value, bool):
+        return
+    if isinstance(value, (int, float)):
+        yield path, value
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield from _numbers(item, f"{path}.{key}")
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            yield from _numbers(item, f"{path}[{i}]")
+
+
+def test_quick_demo_writes_report_plots_and_models(quick_run):
+    out, report, proc, _ = quick_run
+    for name in ["report.md", "report.json", "settings.json", "tokenizer/tokenizer.json", "teacher/config.json",
+                 "teacher/processor_config.json", "lora_parity/adapter_config.json", "students/llama4x/config.json",
+                 "students/llama4x/labels_only/config.json", "students/llama/config.json"]:  # fmt: skip
+        assert (out / name).is_file(), f"{name} missing from {sorted(str(p.relative_to(out)) for p in out.rglob('*'))}"
+    for stage in demo.STAGES:
+        assert (out / "stages" / f"{stage}.json").is_file(), stage
+    assert report["plots"] == ["loss_curves.png", "expert_load.png", "accuracy.png", "digits_answers.png"]
+    for plot in report["plots"]:
+        assert (out / "plots" / plot).read_bytes()[:8] == PNG_MAGIC, plot
+        assert f"plots/{plot}" in (out / "report.md").read_text()
+    # The stage summary table closes the output, one row per stage.
+    for stage in demo.STAGES:
+        assert any(line.startswith(f"{stage} ") and " done " in line for line in proc.stdout.splitlines()), stage
+
+
+def test_quick_demo_numbers_are_finite_and_in_range(quick_run):
+    _, report, _, _ = quick_run
+    numbers = list(_numbers(report))
+    assert len(numbers) > 100
+    bad = [(path, value) for path, value in numbers if not math.isfinite(value)]
+    assert not bad, bad[:10]
+    evaluation, lora = report["evaluation"], report["lora"]
+    assert 1.0 < evaluation["text_perplexity"] < evaluation["uniform_perplexity"]
+    assert 0.0 <= evaluation["digits_accuracy"] <= 1.0
+    assert evaluation["digits_accuracy"] > 0.2, "the quick teacher should read digits well above chance (10%)"
+    assert 0.0 <= lora["accuracy_before"] <= 1.0 and 0.0 <= lora["accuracy_after"] <= 1.0
+    assert evaluation["routing"]["max_violation"] >= 0.0
+    students = report["distillation"]["evaluation"]
+    assert set(students) == {"teacher", "llama4x/distilled", "llama4x/labels_only", "llama/distilled",
+                             "llama/labels_only"}  # fmt: skip
+    assert report["teacher"]["active_parameters"] < report["teacher"]["parameters"]
+    assert set(report["targets"]) >= {"teacher digits accuracy", "LoRA even/odd accuracy"}
+
+
+def test_quick_demo_models_load_with_the_auto_classes_and_reproduce_the_report(quick_run):
+    from peft import PeftModel
+
+    out, report, _, _ = quick_run
+    teacher = AutoModelForImageTextToText.from_pretrained(out / "teacher")
+    processor = AutoProcessor.from_pretrained(out / "teacher")
+    assert isinstance(teacher, llama4x.Llama4XForConditionalGeneration)
+    assert isinstance(processor, llama4x.Llama4XProcessor)
+    assert teacher.config.text_config.num_local_experts == 16 and teacher.config.text_config.num_experts_per_tok == 1
+    text = teacher.config.text_config
+    assert "chunked_attention" in text.layer_types and text.attention_chunk_size < report["settings"]["block_size"]
+    assert text.router_bias_update_rate > 0
+
+    # The reloaded teacher gives the reported held-out perplexity: the saved weights are the evaluated ones.
+    settings = demo.DemoSettings(**report["settings"])
+    blocks = demo.DemoData(settings).text_blocks(processor.tokenizer, "eval")
+    with torch.no_grad():
+        perplexity = demo.perplexity(teacher.eval(), blocks)
+    assert perplexity == pytest.approx(report["evaluation"]["text_perplexity"], rel=1e-4)
+
+    adapted = PeftModel.from_pretrained(teacher, out / "lora_parity")
+    assert any("lora_" in name for name, _ in adapted.named_parameters())
+    student = AutoModelForImageTextToText.from_pretrained(out / "students" / "llama4x")
+    assert student.config.text_config.moe_layers == [] and hasattr(student.model, "vision_model")
+    assert isinstance(AutoProcessor.from_pretrained(out / "students" / "llama4x"), llama4x.Llama4XProcessor)
+    llama = AutoModelForCausalLM.from_pretrained(out / "students" / "llama")
+    assert type(llama).__name__ == "LlamaForCausalLM"
+    assert len(AutoTokenizer.from_pretrained(out / "students" / "llama")) == llama.config.vocab_size
+
+
+def test_generate_command_runs_the_demos_text_student(quick_run, capsys):
+    out, _, _, _ = quick_run
+    folder = out / "students" / "llama"
+    assert main(["generate", "--model", str(folder), "--prompt", "def ", "--max-new-tokens", "8"]) == 0
+    printed = capsys.readouterr().out
+    tokenizer, model = AutoTokenizer.from_pretrained(folder), AutoModelForCausalLM.from_pretrained(folder)
+    ids = model.generate(**tokenizer("def ", return_tensors="pt"), max_new_tokens=8, do_sample=False)
+    assert printed == tokenizer.decode(ids[0], skip_special_tokens=True) + "\n"
+
+
+def test_quick_demo_rerun_skips_every_finished_stage(quick_run):
+    out, report, _, _ = quick_run
+    markers = {p.name: p.stat().st_mtime_ns for p in (out / "stages").iterdir()}
+    proc = _llama4x("demo", "--quick", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for stage in demo.STAGES:
+        assert any(line.startswith(f"{stage} ") and "skipped" in line for line in proc.stdout.splitlines()), stage
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "stages").iterdir()} == markers
+    assert json.loads((out / "report.json").read_text()) == report
+
+    # A run with other settings into the same folder is refused, with the differences named.
+    proc = _llama4x("demo", "--quick", "--seed", "1", "--out", str(out))
+    assert proc.returncode == 1
+    assert "other settings" in proc.stderr and "seed" in proc.stderr and "Traceback" not in proc.stderr
+
+
+# ---- orchestration, with stand-in stages ----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def fake_stages(monkeypatch):
+    """Replace every stage by a stand-in that records its calls; `fail` names a stage that raises."""
+    calls, fail = [], set()
+
+    def make(name):
+        def stage(run):
+            calls.append(name)
+            if name in fail:
+                raise RuntimeError(f"{name} broke")
+            if name == "report":
+                return {"stages": [s for s in demo.STAGES[:-1] if s in run.results], "targets": {}, "plots": []}
+            return {"value": len(calls)}
+
+        return stage
+
+    monkeypatch.setattr(demo, "STAGE_FUNCTIONS", {name: make(name) for name in demo.STAGES})
+    monkeypatch.setattr("llama4x.demo_report.headline", lambda stage, results: "")
+    return calls, fail
+
+
+def test_stages_run_in_order_then_are_skipped_and_a_redone_stage_redoes_the_later_ones(tmp_path, fake_stages):
+    calls, _ = fake_stages
+    settings = demo.DemoSettings.create(quick=True)
+    demo.run_demo(tmp_path, settings, verbose=False)
+    assert calls == list(demo.STAGES)
+    calls.clear()
+    results = demo.run_demo(tmp_path, settings, verbose=False)
+    assert calls == [] and results["teacher"] == {"value": 2}
+    (tmp_path / "stages" / "lora.json").unlink()
+    demo.run_demo(tmp_path, settings, verbose=False)
+    assert calls == ["lora", "distill", "report"]
+
+
+def test_stop_after_runs_the_first_stages_and_the_report_and_a_full_rerun_continues(tmp_path, fake_stages):
+    calls, _ = fake_stages
+    settings = demo.DemoSettings.create(quick=True)
+    results = demo.run_demo(tmp_path, settings, stop_after="evaluate", verbose=False)
+    assert calls == ["tokenizer", "teacher", "evaluate", "report"]
+    assert results["report"]["stages"] == ["tokenizer", "teacher", "evaluate"]
+    calls.clear()
+    demo.run_demo(tmp_path, settings, verbose=False)
+    assert calls == ["lora", "distill", "report"]
+
+
+def test_a_failed_stage_names_itself_keeps_the_finished_stages_and_resumes_there(tmp_path, fake_stages):
+    calls, fail = fake_stages
+    settings = demo.DemoSettings.create(quick=True)
+    fail.add("lora")
+    with pytest.raises(demo.DemoStageError, match=r"stage 4 \(lora\) failed: RuntimeError: lora broke") as info:
+        demo.run_demo(tmp_path, settings, verbose=False)
+    assert isinstance(info.value.__cause__, RuntimeError)
+    assert sorted(p.stem for p in (tmp_path / "stages").glob("*.json")) == ["evaluate", "teacher", "tokenizer"]
+    fail.clear()
+    calls.clear()
+    demo.run_demo(tmp_path, settings, verbose=False)
+    assert calls == ["lora", "distill", "report"]
+
+
+def test_cli_demo_failure_exits_1_with_a_one_line_error(tmp_path, fake_stages, capsys):
+    _, fail = fake_stages
+    fail.add("teacher")
+    assert main(["demo", "--quick", "--out", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert "stage 2 (teacher) failed" in err and "rerun the same command to resume" in err
+    assert "Traceback" not in err
+
+
+def test_other_settings_in_the_same_folder_are_refused(tmp_path, fake_stages):
+    demo.run_demo(tmp_path, demo.DemoSettings.create(quick=True), verbose=False)
+    with pytest.raises(ValueError, match=r"other settings \(quick: True there, False now"):
+        demo.run_demo(tmp_path, demo.DemoSettings.create(quick=False), verbose=False)
+
+
+@pytest.mark.parametrize(
+    "overrides, field",
+    [
+        ({"fusion": "cross"}, "fusion"),
+        ({"minutes": 0}, "minutes"),
+        ({"teacher_steps": 0}, "teacher_steps"),
+        ({"attention_chunk_size": 128}, "attention_chunk_size"),
+    ],
+)
+def test_invalid_settings_name_the_field(overrides, field):
+    with pytest.raises(ValueError, match=f"`{field}`"):
+        demo.DemoSettings.create(**overrides)
+
+
+def test_lr_schedule_warms_up_then_decays_to_the_floor():
+    assert demo.lr_factor(0.0) < 0.05
+    assert demo.lr_factor(0.05) == pytest.approx(1.0)
+    assert demo.lr_factor(1.0) == pytest.approx(0.1)
+    values = [demo.lr_factor(i / 100) for i in range(5, 101)]
+    assert all(a >= b for a, b in zip(values, values[1:]))
