@@ -1,5 +1,9 @@
 """Parity with transformers' Llama 4: the same weights compute the same function in llama4x."""
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from transformers import (
@@ -12,6 +16,7 @@ from transformers import (
 )
 
 from llama4x import Llama4XConfig, Llama4XForCausalLM, Llama4XForConditionalGeneration, Llama4XTextConfig
+from llama4x.cli import main
 from llama4x.conversion import (
     config_from_llama4,
     config_to_llama4,
@@ -268,3 +273,21 @@ def test_scout_preset_vision_converts_to_meta_published_vision_architecture():
         "projector_output_dim": 4096, "vision_output_dim": 4096,
     }  # fmt: skip
     assert {k: getattr(vision, k) for k in published} == published
+
+
+def test_convert_command_and_script_convert_a_saved_folder(tmp_path):
+    reference, _ = converted_pair()
+    reference.save_pretrained(tmp_path / "llama4")
+    script = Path(__file__).resolve().parents[1] / "scripts" / "convert_llama4_checkpoint.py"
+    result = subprocess.run(
+        [sys.executable, str(script), "--input", str(tmp_path / "llama4"), "--output", str(tmp_path / "out")],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert isinstance(AutoModelForCausalLM.from_pretrained(tmp_path / "out"), Llama4XForCausalLM)
+    assert main(["convert", "--input", str(tmp_path / "llama4"), "--output", str(tmp_path / "out")]) != 0
+    assert (
+        main(["convert", "--input", str(tmp_path / "out"), "--output", str(tmp_path / "back"), "--dtype", "bfloat16"])
+        == 0
+    )
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "back").dtype == torch.bfloat16

@@ -119,6 +119,27 @@ def _cmd_distill(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_convert(args: argparse.Namespace) -> int:
+    import torch
+
+    from .conversion import convert_checkpoint
+
+    dtype = None if args.dtype is None else getattr(torch, args.dtype)
+    out = convert_checkpoint(args.input, args.output, dtype=dtype, overwrite=args.overwrite)
+    print(f"converted {args.input} -> {out}")
+    return 0
+
+
+def add_convert_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of `llama4x convert` (also used by scripts/convert_llama4_checkpoint.py)."""
+    parser.add_argument("--input", required=True, help="a saved Llama 4 or llama4x checkpoint folder (safetensors)")
+    parser.add_argument("--output", required=True, help="the folder to write; must be new or empty")
+    parser.add_argument(
+        "--dtype", choices=["float32", "bfloat16", "float16"], help="cast floating-point weights (default: keep)"
+    )
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --output folder")
+
+
 def _cmd_version(args: argparse.Namespace) -> int:
     print(f"llama4x {_version()}")
     return 0
@@ -201,6 +222,16 @@ def make_parser() -> argparse.ArgumentParser:
     )
     add_distill_arguments(distill)
     distill.set_defaults(func=_cmd_distill)
+
+    convert = sub.add_parser(
+        "convert",
+        parents=[debug],
+        help="convert a transformers Llama 4 checkpoint folder to llama4x, or a llama4x one to Llama 4",
+        description="The direction follows the input's model_type. Reads one shard at a time and writes the output "
+        "only when complete; the input is never modified.",
+    )
+    add_convert_arguments(convert)
+    convert.set_defaults(func=_cmd_convert)
 
     ver = sub.add_parser("version", parents=[debug], help="print the installed llama4x version")
     ver.set_defaults(func=_cmd_version)
