@@ -274,3 +274,9 @@ def test_learned_bias_is_kept_frozen_when_reloaded_with_rate_zero(tmp_path):
     optimizer.step()
     for saved, restored in zip(model.model.moe_blocks, frozen.model.moe_blocks):
         assert torch.equal(saved.e_score_correction_bias, restored.e_score_correction_bias), "a frozen bias moved"
+
+
+def test_bias_starts_at_zero_when_switched_on_for_a_checkpoint_without_one(tmp_path):
+    tiny_model().save_pretrained(tmp_path)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path, router_bias_update_rate=0.01)
+    assert all(torch.equal(b.e_score_correction_bias, torch.zeros(8)) for b in model.model.moe_blocks)

@@ -44,18 +44,17 @@ def _curve(ax, history: list[dict[str, Any]], key: str, label: str, step_key: st
 
 
 def plot_loss_curves(results: dict[str, Any], path: Path) -> Path:
-    """2x2 panels: teacher losses, teacher routing max-violation, LoRA loss, distillation losses."""
-    fig = _figure((11, 7.5))
+    """2x3 panels: teacher losses and routing, LoRA loss and routing, the two students' losses."""
+    fig = _figure((15, 8))
     teacher = results.get("teacher", {}).get("history", [])
-    ax = fig.add_subplot(2, 2, 1)
+    ax = fig.add_subplot(2, 3, 1)
     _curve(ax, teacher, "text_loss", "text (next token)")
     _curve(ax, teacher, "digits_loss", "digits (answer tokens)")
     ax.set_yscale("log")
     ax.set(xlabel="step", ylabel="training loss (nats/token, log scale)", title="Teacher pretraining")
     ax.legend()
-    ax.grid(alpha=0.3)
 
-    ax = fig.add_subplot(2, 2, 2)
+    ax = fig.add_subplot(2, 3, 2)
     _curve(ax, teacher, "max_violation", "training tokens of each logging window")
     evaluation = results.get("evaluate", {}).get("routing")
     if evaluation:
@@ -63,25 +62,34 @@ def plot_loss_curves(results: dict[str, Any], path: Path) -> Path:
         ax.axhline(evaluation["max_violation_without_bias"], color="tab:red", ls=":", label="held-out, bias removed")
     ax.set(xlabel="step", ylabel="max load / mean load - 1", title="Teacher routing max-violation (mean of layers)")
     ax.legend()
-    ax.grid(alpha=0.3)
 
-    ax = fig.add_subplot(2, 2, 3)
-    _curve(ax, results.get("lora", {}).get("history", []), "parity_loss", "LoRA on even / odd")
-    ax.set(xlabel="step", ylabel="training loss (nats/token)", title="LoRA fine-tuning")
-    ax.legend()
-    ax.grid(alpha=0.3)
-
-    ax = fig.add_subplot(2, 2, 4)
-    students = results.get("distill", {}).get("students", {})
-    for kind, student in students.items():
-        for name, style in (("distilled", "-"), ("labels_only", "--")):
-            label = f"{kind} student, {name.replace('_', '-')}" + (" (KD + CE)" if name == "distilled" else " (CE)")
-            _curve(ax, student["logs"].get(name, []), "ce_loss", label, ls=style)
-    ax.set(xlabel="step", ylabel="label cross-entropy (nats/token)", title="Students (digits: llama4x, text: llama)")
+    lora = results.get("lora", {}).get("history", [])
+    ax = fig.add_subplot(2, 3, 4)
+    _curve(ax, lora, "parity_loss", "LoRA on even / odd")
     ax.set_yscale("log")
-    if students:
-        ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
+    ax.set(xlabel="step", ylabel="training loss (nats/token, log scale)", title="LoRA fine-tuning (even / odd)")
+    ax.legend()
+
+    ax = fig.add_subplot(2, 3, 5)
+    _curve(ax, lora, "max_violation", "training tokens of each logging window", color="tab:purple")
+    ax.set(
+        xlabel="step", ylabel="max load / mean load - 1", title="Routing during LoRA (biases fixed, router trained)"
+    )
+    ax.legend()
+
+    students = results.get("distill", {}).get("students", {})
+    for position, kind, data in ((3, "llama4x", "digits"), (6, "llama", "text")):
+        ax = fig.add_subplot(2, 3, position)
+        logs = students.get(kind, {}).get("logs", {})
+        _curve(ax, logs.get("distilled", []), "ce_loss", "distilled (KD + label loss)")
+        _curve(ax, logs.get("labels_only", []), "ce_loss", "labels only", ls="--")
+        ax.set_yscale("log")
+        ax.set(xlabel="step", ylabel="label cross-entropy (nats/token, log scale)",
+               title=f"{kind} student on {data}")  # fmt: skip
+        if logs:
+            ax.legend()
+    for ax in fig.axes:
+        ax.grid(alpha=0.3)
     return _save(fig, path)
 
 
@@ -107,8 +115,8 @@ def plot_accuracy(results: dict[str, Any], path: Path) -> Path:
         ax.bar_label(drawn, labels=[f"{b[1]:.1%}" for b in bars], fontsize=8)
     if lora:
         ax.axhline(lora["chance"], color="k", ls=":", lw=1, label="even/odd chance (50%)")
-        ax.legend(loc="lower right", fontsize=8)
-    ax.set(ylim=(0, 1.08), ylabel="exact-match accuracy (held-out scans)", title="Held-out accuracy per model")
+        ax.legend(loc="upper right", fontsize=8)
+    ax.set(ylim=(0, 1.25), ylabel="exact-match accuracy (held-out scans)", title="Held-out accuracy per model")
     ax.tick_params(axis="x", labelsize=8)
 
     ax = fig.add_subplot(1, 2, 2)

@@ -322,6 +322,8 @@ class Llama4XPreTrainedModel(PreTrainedModel):
         if isinstance(module, Llama4XExperts):
             init.normal_(module.gate_up_proj, mean=0.0, std=std)
             init.normal_(module.down_proj, mean=0.0, std=std)
+        elif isinstance(module, Llama4XMoE) and module.e_score_correction_bias is not None:
+            init.zeros_(module.e_score_correction_bias)
         elif isinstance(module, Llama4XAttention) and hasattr(module, "ssmax_scale"):
             init.constant_(module.ssmax_scale, self.config.scalable_softmax_init)
 
