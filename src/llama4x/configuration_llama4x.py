@@ -287,6 +287,11 @@ class Llama4XTextConfig(PreTrainedConfig):
             _fail("rope_parameters['rope_theta']", theta, "a positive base")
 
     @property
+    def has_router_selection_bias(self) -> bool:
+        """Whether MoE layers carry the balancing bias (also when the rate was set after construction)."""
+        return self.use_router_selection_bias or self.router_bias_update_rate > 0
+
+    @property
     def num_experts(self) -> int:
         return self.num_local_experts
 

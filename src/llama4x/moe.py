@@ -150,7 +150,7 @@ class Llama4XMoE(nn.Module):
         self.experts = Llama4XExperts(config)
         shared_size = config.num_shared_experts * config.moe_intermediate_size
         self.shared_experts = Llama4XMLP(config, shared_size) if shared_size > 0 else None
-        if config.use_router_selection_bias:
+        if config.has_router_selection_bias:
             # DeepSeek-V3's name; kept in float32 and saved with the checkpoint.
             self.register_buffer("e_score_correction_bias", torch.zeros(config.num_local_experts))
         else:
