@@ -101,10 +101,11 @@ class DemoSettings:
     num_experts: int = 16
     moe_intermediate_size: int = 128
     bias_update_rate: float = 1e-3
-    teacher_steps: int = 400
+    teacher_steps: int = 800
     text_batch_size: int = 8
     digits_batch_size: int = 32
     teacher_lr: float = 3e-3
+    augment_shift: int = 1  # teacher's digit scans moved by up to this many pixels (0: no augmentation)
     # LoRA
     lora_steps: int = 100
     lora_lr: float = 3e-3
@@ -125,10 +126,12 @@ class DemoSettings:
             raise ValueError(f"Invalid `minutes`={self.minutes!r}: expected a positive number of minutes or None.")
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if f.name in ("seed", "quick", "minutes", "fusion") or value is None:
+            if f.name in ("seed", "quick", "minutes", "fusion", "augment_shift") or value is None:
                 continue
             if not value > 0:
                 raise ValueError(f"Invalid `{f.name}`={value!r}: expected a positive number.")
+        if self.augment_shift < 0:
+            raise ValueError(f"Invalid `augment_shift`={self.augment_shift!r}: expected a number of pixels >= 0.")
         if self.attention_chunk_size >= self.block_size:
             raise ValueError(
                 f"Invalid `attention_chunk_size`={self.attention_chunk_size}: the demo shows iRoPE's local chunks, "
@@ -168,6 +171,18 @@ def parity_records(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         {**record, "question": PARITY_QUESTION, "answer": "even" if int(record["answer"]) % 2 == 0 else "odd"}
         for record in records
     ]
+
+
+def shifted(record: dict[str, Any], rng: random.Random, pixels: int) -> dict[str, Any]:
+    """The record with its scan moved by up to `pixels` in x and y (white fill): a training-time augmentation."""
+    from PIL import Image
+
+    dx, dy = rng.randint(-pixels, pixels), rng.randint(-pixels, pixels)
+    if dx == dy == 0:
+        return record
+    image = record["image"]
+    moved = image.transform(image.size, Image.AFFINE, (1, 0, dx, 0, 1, dy), fillcolor=(255, 255, 255))
+    return {**record, "image": moved}
 
 
 def chat_turns_for_tokenizer(repeats: int = 16) -> list[str]:
@@ -538,12 +553,16 @@ def _mixed_batches(run: DemoRun, processor, text_blocks) -> Callable[[], dict[st
     collator = DigitsCollator(processor)
     text_order = epochs_of_batches(input_ids.shape[0], s.text_batch_size, s.seed)
     digit_order = epochs_of_batches(len(digits_train), s.digits_batch_size, s.seed + 1)
+    rng = random.Random(s.seed + 2)
 
     def next_batches() -> dict[str, dict[str, torch.Tensor]]:
         t = torch.tensor(next(text_order))
+        records = [digits_train[i] for i in next(digit_order)]
+        if s.augment_shift:
+            records = [shifted(record, rng, s.augment_shift) for record in records]
         return {
             "text": {"input_ids": input_ids[t], "attention_mask": attention_mask[t], "labels": labels[t]},
-            "digits": collator([digits_train[i] for i in next(digit_order)]),
+            "digits": collator(records),
         }
 
     return next_batches
@@ -768,7 +787,12 @@ def stage_distill(run: DemoRun) -> dict[str, Any]:
     _, digits_test = run.data.digits
     students = {kind: _distill_student(run, teacher, processor, kind) for kind in ("llama4x", "llama")}
     prompt = tokenizer(TEXT_PROMPTS[0], return_tensors="pt")["input_ids"]
-    evaluation = {"teacher": {"decode_tokens_per_second": decode_tokens_per_second(teacher, prompt)}}
+    new_tokens, repeats = (8, 1) if run.settings.quick else (32, 3)
+
+    def speed(model) -> float:
+        return decode_tokens_per_second(model, prompt, new_tokens=new_tokens, repeats=repeats)
+
+    evaluation = {"teacher": {"decode_tokens_per_second": speed(teacher)}}
     for kind, auto in (("llama4x", AutoModelForImageTextToText), ("llama", AutoModelForCausalLM)):
         for name, folder in (("distilled", ""), ("labels_only", "labels_only")):
             model = auto.from_pretrained(run.out / "students" / kind / folder).eval()
@@ -776,7 +800,7 @@ def stage_distill(run: DemoRun) -> dict[str, Any]:
             if kind == "llama4x":
                 answers = answer_questions(model, processor, digits_test, verbose=run.verbose)
                 entry["digits_accuracy"] = accuracy(answers, digits_test)
-            entry["decode_tokens_per_second"] = decode_tokens_per_second(model, prompt)
+            entry["decode_tokens_per_second"] = speed(model)
             evaluation[f"{kind}/{name}"] = entry
     return {"students": students, "evaluation": evaluation}
 

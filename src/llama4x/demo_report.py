@@ -52,7 +52,6 @@ def plot_loss_curves(results: dict[str, Any], path: Path) -> Path:
     _curve(ax, teacher, "digits_loss", "digits (answer tokens)")
     ax.set_yscale("log")
     ax.set(xlabel="step", ylabel="training loss (nats/token, log scale)", title="Teacher pretraining")
-    ax.legend()
 
     ax = fig.add_subplot(2, 3, 2)
     _curve(ax, teacher, "max_violation", "training tokens of each logging window")
@@ -61,21 +60,18 @@ def plot_loss_curves(results: dict[str, Any], path: Path) -> Path:
         ax.axhline(evaluation["max_violation"], color="tab:green", ls="--", label="held-out, trained bias")
         ax.axhline(evaluation["max_violation_without_bias"], color="tab:red", ls=":", label="held-out, bias removed")
     ax.set(xlabel="step", ylabel="max load / mean load - 1", title="Teacher routing max-violation (mean of layers)")
-    ax.legend()
 
     lora = results.get("lora", {}).get("history", [])
     ax = fig.add_subplot(2, 3, 4)
     _curve(ax, lora, "parity_loss", "LoRA on even / odd")
     ax.set_yscale("log")
     ax.set(xlabel="step", ylabel="training loss (nats/token, log scale)", title="LoRA fine-tuning (even / odd)")
-    ax.legend()
 
     ax = fig.add_subplot(2, 3, 5)
     _curve(ax, lora, "max_violation", "training tokens of each logging window", color="tab:purple")
     ax.set(
         xlabel="step", ylabel="max load / mean load - 1", title="Routing during LoRA (biases fixed, router trained)"
     )
-    ax.legend()
 
     students = results.get("distill", {}).get("students", {})
     for position, kind, data in ((3, "llama4x", "digits"), (6, "llama", "text")):
@@ -86,10 +82,12 @@ def plot_loss_curves(results: dict[str, Any], path: Path) -> Path:
         ax.set_yscale("log")
         ax.set(xlabel="step", ylabel="label cross-entropy (nats/token, log scale)",
                title=f"{kind} student on {data}")  # fmt: skip
-        if logs:
-            ax.legend()
     for ax in fig.axes:
         ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=9)
+        else:  # a stage that has not run
+            ax.text(0.5, 0.5, "not run", ha="center", va="center", transform=ax.transAxes, color="gray")
     return _save(fig, path)
 
 
@@ -224,9 +222,10 @@ def targets(settings, results: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 def _stage_seconds(out: Path) -> dict[str, float]:
     seconds = {}
-    for marker in sorted((out / "stages").glob("*.json")):
-        content = json.loads(marker.read_text())
-        seconds[content["stage"]] = content["seconds"]
+    for stage in ("tokenizer", "teacher", "evaluate", "lora", "distill", "report"):
+        marker = out / "stages" / f"{stage}.json"
+        if marker.is_file():
+            seconds[stage] = json.loads(marker.read_text())["seconds"]
     return seconds
 
 
@@ -290,6 +289,9 @@ def markdown(report: dict[str, Any]) -> str:
             f"| routing max-violation, mean of layers ({r['tokens']:,} tokens) | {r['max_violation']:.3f} |",
             f"| routing max-violation with the balancing bias removed (same weights) | "
             f"{r['max_violation_without_bias']:.3f} |",
+            "", "Max-violation is `max_i load_i / mean_load - 1` per MoE layer (0: balanced; 15: one expert takes every "
+            "token), averaged over the layers; for a model trained without any balancing see the no-balancing "
+            "variant of `llama4x bench balance` (BENCHMARKS.md).",
             "", "Greedy text samples:", "",
         ]  # fmt: skip
         lines += [f"- `{sample['text']!r}`" for sample in ev["text_samples"]]
@@ -298,8 +300,9 @@ def markdown(report: dict[str, Any]) -> str:
     if lora:
         lines += [
             "", "## LoRA: a new question", "",
-            f"\"{lora['question']}\" -> even / odd, learned by LoRA (r={lora['r']}) on {', '.join(lora['parts'])} "
-            f"({lora['trainable_parameters']:,} trainable parameters, base frozen: "
+            f"\"{lora['question']}\" -> even / odd, learned by LoRA (r={lora['r']}) on {', '.join(p for p in lora['parts'] if p != 'router')}, "
+            f"the routers and the LM head trained in full ({lora['trainable_parameters']:,} trainable parameters, "
+            f"base frozen: "
             f"{lora['base_parameters']:,}), {lora['steps']} steps, {lora['train_seconds']:.0f} s. Held-out accuracy "
             f"({lora['eval_examples']} scans): before {_pct(lora['accuracy_before'])} (chance is 50%; the base model "
             f"answers with digits, e.g. {lora['answers_before'][:4]}), after {_pct(lora['accuracy_after'])}.",
