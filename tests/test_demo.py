@@ -235,6 +235,32 @@ def test_invalid_settings_name_the_field(overrides, field):
         demo.DemoSettings.create(**overrides)
 
 
+def test_shifted_scan_moves_the_pixels_and_fills_with_white():
+    import random
+
+    import numpy as np
+    from PIL import Image
+
+    pixels = np.full((8, 8, 3), 255, dtype=np.uint8)
+    pixels[3, 4] = 0
+    record = {"image": Image.fromarray(pixels), "question": "q", "answer": "1"}
+    seen = set()
+    rng = random.Random(0)
+    for _ in range(50):
+        moved = np.asarray(demo.shifted(record, rng, 1)["image"])
+        assert moved.shape == (8, 8, 3) and (moved == 0).sum() == 3, "one black pixel (3 channels), the rest white"
+        row, col = np.argwhere(moved[..., 0] == 0)[0]
+        assert abs(row - 3) <= 1 and abs(col - 4) <= 1
+        seen.add((int(row), int(col)))
+    assert len(seen) == 9, seen
+
+
+def test_parity_records_ask_the_new_question():
+    records = demo.parity_records([{"image": None, "question": "q", "answer": str(d)} for d in range(10)])
+    assert [r["answer"] for r in records] == ["even", "odd"] * 5
+    assert {r["question"] for r in records} == {demo.PARITY_QUESTION}
+
+
 def test_lr_schedule_warms_up_then_decays_to_the_floor():
     assert demo.lr_factor(0.0) < 0.05
     assert demo.lr_factor(0.05) == pytest.approx(1.0)
