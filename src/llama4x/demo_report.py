@@ -268,7 +268,10 @@ def markdown(report: dict[str, Any]) -> str:
         c = teacher["config"]
         lines += [
             "", "## Teacher", "",
-            f"Early-fusion `{c['fusion']}` front-end ({teacher['image_tokens_per_scan']} image tokens per 8x8 scan), "
+            f"Early-fusion `{c['fusion']}` front-end ({teacher['image_tokens_per_scan']} image tokens per scan of "
+            f"{c['image_size']}x{c['image_size']} pixels"
+            + (f", scans shifted by up to {c['augment_shift']} pixel in training" if c["augment_shift"] else "")
+            + f"), "
             f"{c['layers']} layers of width {c['hidden_size']} ({', '.join(c['layer_types'])}; chunks of "
             f"{c['attention_chunk_size']} tokens in {c['block_size']}-token text blocks), {c['routed_experts']} routed "
             f"experts top-{c['experts_per_token']} + {c['shared_experts']} shared expert per layer, loss-free balancing "
@@ -286,6 +289,7 @@ def markdown(report: dict[str, Any]) -> str:
             f"| text perplexity ({ev['text_eval_tokens']:,} tokens; uniform would be {ev['uniform_perplexity']:.0f}) | "
             f"{ev['text_perplexity']:.2f} |",
             f"| digits accuracy, greedy exact match ({ev['digits_eval_examples']} scans) | {_pct(ev['digits_accuracy'])} |",
+            f"| digits answer perplexity (answer + end-of-turn tokens) | {ev['digits_answer_perplexity']:.4f} |",
             f"| routing max-violation, mean of layers ({r['tokens']:,} tokens) | {r['max_violation']:.3f} |",
             f"| routing max-violation with the balancing bias removed (same weights) | "
             f"{r['max_violation_without_bias']:.3f} |",
@@ -314,23 +318,27 @@ def markdown(report: dict[str, Any]) -> str:
             "", "## Distillation into dense students", "",
             "Each student starts from the teacher's weights (embeddings, attention, norms, vision front-end; FFN = "
             "shared expert + routed experts merged by routing frequency) and is trained the same steps twice: "
-            "distilled (forward KL to the teacher mixed with the label loss) and on the labels only.", "",
-            "| model | data | steps | parameters | digits accuracy | text perplexity | decode tokens/s |",
-            "|---|---|---:|---:|---:|---:|---:|",
+            f"distilled (forward KL to the teacher at temperature {distill['students']['llama']['temperature']:g}, "
+            f"weight {distill['students']['llama']['alpha']:g}, plus the label loss) and on the labels only.", "",
+            "| model | data | steps | parameters | digits accuracy | digits answer perplexity | text perplexity "
+            "| decode tokens/s |",
+            "|---|---|---:|---:|---:|---:|---:|---:|",
         ]  # fmt: skip
         if ev:
             lines.append(
                 f"| teacher (MoE) | text + digits | {teacher['steps'] if teacher else ''} | "
                 f"{teacher['parameters'] if teacher else 0:,} | {_pct(ev['digits_accuracy'])} | "
-                f"{ev['text_perplexity']:.2f} | {ev_s['teacher']['decode_tokens_per_second']:.0f} |"
+                f"{ev['digits_answer_perplexity']:.4f} | {ev['text_perplexity']:.2f} | "
+                f"{ev_s['teacher']['decode_tokens_per_second']:.0f} |"
             )
         for kind, student in distill["students"].items():
             for name in ("distilled", "labels_only"):
                 e = ev_s[f"{kind}/{name}"]
                 acc = _pct(e["digits_accuracy"]) if "digits_accuracy" in e else "(text only)"
+                answer = f"{e['digits_answer_perplexity']:.4f}" if "digits_answer_perplexity" in e else ""
                 lines.append(
                     f"| {kind} student, {name.replace('_', '-')} | {student['data']} | {student['steps']} | "
-                    f"{student['parameters']:,} | {acc} | {e['text_perplexity']:.2f} | "
+                    f"{student['parameters']:,} | {acc} | {answer} | {e['text_perplexity']:.2f} | "
                     f"{e['decode_tokens_per_second']:.0f} |"
                 )
     lines += ["", "## Plots", ""]
