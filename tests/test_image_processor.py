@@ -6,10 +6,13 @@ layouts below are computed by hand from Llama 4's rules (comments show the arith
 """
 
 import io
+import math
 
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image
 from transformers.models.auto.image_processing_auto import AutoImageProcessor
 
@@ -70,6 +73,9 @@ LAYOUTS = [
     pytest.param(1, 1000, 28, 4, False, (1, 4), (1, 112), id="line-1x1000"),
     # 56x56 = exactly 2x2 tiles: (2,2) scale 1.0 is the only one >= 1; no resize.
     pytest.param(56, 56, 28, 4, False, (2, 2), (56, 56), id="exact-2x2"),
+    # 1200x1600 on Llama 4's 336 tiles, at most 4: (2,2) at 0.42; bound (672, 672); 672/1600 < 672/1200 -> w = 672,
+    # h = floor(1200 * 0.42) in float32 (as transformers computes it, seen on its processor) = floor(503.99998) = 503.
+    pytest.param(1200, 1600, 336, 4, False, (2, 2), (503, 672), id="float32-rounding"),
 ]
 
 
@@ -100,6 +106,78 @@ def test_processor_output_follows_the_layout(height, width, max_patches, max_can
     np.testing.assert_array_equal(canvas[:, ~content], -1.0)
     if rows * cols > 1:
         np.testing.assert_array_equal(pixels[-1], 1.0)  # the global thumbnail covers the whole tile
+
+
+def transformers_sizing(height: int, width: int, tile: int, max_patches: int, max_canvas: bool):
+    """transformers' Llama 4 sizing (get_best_fit, then get_max_res_without_distortion) recomputed with its operand
+    types: canvases are int64 tensors, image sides Python ints, bounds `min(int, tensor)`. Its module imports
+    torchvision, which this machine lacks, hence the recomputation."""
+    canvases = torch.tensor([(rows * tile, cols * tile) for rows, cols in supported_grids(max_patches)])
+    scales = torch.where(
+        canvases[:, 0] / height > canvases[:, 1] / width, canvases[:, 1] / width, canvases[:, 0] / height
+    )
+    upscaling = scales[scales >= 1]
+    if len(upscaling):
+        chosen = upscaling.max() if max_canvas else upscaling.min()
+    else:
+        chosen = scales[scales < 1].max()
+    candidates = canvases[scales == chosen]
+    canvas = candidates[torch.argmin(candidates[:, 0] * candidates[:, 1])]
+    bound_h, bound_w = canvas if max_canvas else (min(max(height, tile), canvas[0]), min(max(width, tile), canvas[1]))
+    scale_h, scale_w = bound_h / height, bound_w / width
+    if scale_w < scale_h:
+        resized = (min(math.floor(height * scale_w), bound_h), bound_w)
+    else:
+        resized = (bound_h, min(math.floor(width * scale_h), bound_w))
+    grid = (int(canvas[0]) // tile, int(canvas[1]) // tile)
+    return grid, (max(int(resized[0]), 1), max(int(resized[1]), 1))
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    height=st.integers(1, 5000),
+    width=st.integers(1, 5000),
+    tile=st.sampled_from([14, 28, 336]),
+    max_patches=st.integers(1, 16),
+    max_canvas=st.booleans(),
+)
+def test_sizing_rounds_as_transformers_llama4(height, width, tile, max_patches, max_canvas):
+    plan = plan_tiling(height, width, tile, max_patches, resize_to_max_canvas=max_canvas)
+    assert (plan.grid, plan.resized) == transformers_sizing(height, width, tile, max_patches, max_canvas)
+
+
+def test_sizing_agrees_with_transformers_on_every_side_up_to_2048_for_defaults():
+    """Square-tile defaults (336, 16 tiles), every height for a sweep of widths: the rounding boundaries are dense."""
+    for width in (1, 335, 336, 337, 500, 1000, 1600, 2047, 2048):
+        for height in range(1, 2049):
+            plan = plan_tiling(height, width, 336, 16)
+            assert (plan.grid, plan.resized) == transformers_sizing(height, width, 336, 16, False), (height, width)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    height=st.integers(1, 2048),
+    width=st.integers(1, 2048),
+    mode=st.sampled_from(["RGB", "RGBA", "L"]),
+    max_patches=st.integers(1, 16),
+    seed=st.integers(0, 2**16),
+)
+def test_any_image_gives_the_documented_layout_and_finite_values(height, width, mode, max_patches, seed):
+    channels = {"RGB": 3, "RGBA": 4, "L": 1}[mode]
+    pixels = np.random.default_rng(seed).integers(0, 256, (height, width, channels), dtype=np.uint8)
+    image = Image.fromarray(pixels.squeeze(-1) if channels == 1 else pixels, mode=mode)
+    out = make_processor(max_patches=max_patches)(image)
+    plan = plan_tiling(height, width, TILE, max_patches)
+    rows, cols = plan.grid
+    assert out["aspect_ratios"].tolist() == [[rows, cols]] and rows * cols <= max_patches
+    values = out["pixel_values"]
+    assert values.shape == (num_tiles(plan.grid), 3, TILE, TILE) and values.dtype == np.float32
+    assert np.isfinite(values).all() and values.min() >= -1.0 and values.max() <= 1.0
+    canvas = values[: rows * cols].reshape(rows, cols, 3, TILE, TILE).transpose(2, 0, 3, 1, 4)
+    canvas = canvas.reshape(3, rows * TILE, cols * TILE)
+    padding = np.ones(canvas.shape[1:], dtype=bool)
+    padding[: plan.resized[0], : plan.resized[1]] = False
+    assert (canvas[:, padding] == -1.0).all(), "padding right and bottom is black"
 
 
 def test_tiles_are_row_major_and_thumbnail_is_last():

@@ -9,7 +9,7 @@
    max_patches`. The image's scale on a canvas is `min(rows * size / height, cols * size / width)` (the limiting
    side: no distortion). Among the canvases that need no downscaling the smallest scale wins (the largest with
    `resize_to_max_canvas=True`); when every canvas needs downscaling, the largest scale wins; ties go to the
-   smallest canvas. Scales are compared exactly (rational arithmetic), so no float rounding decides a tie.
+   smallest canvas. Scales are rounded as in transformers' processor (float32), so the same canvas wins.
 3. Resize without distortion, never upscaling past `max(side, size)` unless `resize_to_max_canvas` (an image
    smaller than a tile grows to one tile, a larger one keeps its pixels), then pad right and bottom with black.
 4. Rescale by `rescale_factor` (1/255), normalise with `image_mean` / `image_std` (0.5), cut the canvas into its
@@ -29,7 +29,6 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from fractions import Fraction
 from typing import Any
 
 import numpy as np
@@ -61,7 +60,7 @@ class Llama4XImageProcessorKwargs(ImagesKwargs, total=False):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Tiling: pure functions of sizes, exact arithmetic.
+# Tiling: pure functions of sizes, rounded as Llama 4's processor rounds.
 
 
 @dataclass(frozen=True)
@@ -96,30 +95,46 @@ def supported_grids(max_patches: int) -> list[tuple[int, int]]:
 def plan_tiling(
     height: int, width: int, tile_size: int, max_patches: int, resize_to_max_canvas: bool = False
 ) -> TilingPlan:
-    """Llama 4's best-fit canvas for a `height x width` image and the size to resize it to (see the module doc)."""
+    """Llama 4's best-fit canvas for a `height x width` image and the size to resize it to (see the module doc).
+
+    The ratios are rounded as transformers' `Llama4ImageProcessor` rounds them, so that sizes on a rounding boundary
+    floor the same way (1200x1600 on at most 4 tiles: 503 rows, not 504): canvas sides are int64 tensors there, so a
+    ratio is float32 where a canvas side enters it, and a Python float where the image's own side is the bound.
+    """
     grids = supported_grids(max_patches)
-    scales = [min(Fraction(rows * tile_size, height), Fraction(cols * tile_size, width)) for rows, cols in grids]
+    scales = [
+        min(_ratio(rows * tile_size, height, True), _ratio(cols * tile_size, width, True)) for rows, cols in grids
+    ]
     upscaling = [scale for scale in scales if scale >= 1]
     if upscaling:
         chosen = max(upscaling) if resize_to_max_canvas else min(upscaling)
     else:
         chosen = max(scales)
-    # Among canvases with the chosen scale the smallest pads least. It is unique: the fewest rows and the fewest
-    # columns that each reach the chosen scale.
+    # Among canvases with the chosen scale the smallest pads least.
     rows, cols = min((g for g, s in zip(grids, scales) if s == chosen), key=lambda g: g[0] * g[1])
 
     bound_h, bound_w = rows * tile_size, cols * tile_size
+    h_from_canvas = w_from_canvas = True
     if not resize_to_max_canvas:
         # Never upscale past the image's own size, except up to one tile.
+        h_from_canvas, w_from_canvas = bound_h < max(height, tile_size), bound_w < max(width, tile_size)
         bound_h, bound_w = min(max(height, tile_size), bound_h), min(max(width, tile_size), bound_w)
-    # Fit inside (bound_h, bound_w) keeping the aspect ratio; the limiting side fills its bound exactly. Float
-    # arithmetic on purpose, as Llama 4's processor, so that sizes on a rounding boundary floor the same way.
-    scale_w, scale_h = bound_w / width, bound_h / height
-    if scale_w < scale_h:
-        new_h, new_w = min(math.floor(height * scale_w), bound_h), bound_w
+    # Fit inside (bound_h, bound_w) keeping the aspect ratio; the limiting side fills its bound.
+    scale_h, scale_w = _ratio(bound_h, height, h_from_canvas), _ratio(bound_w, width, w_from_canvas)
+    if h_from_canvas or w_from_canvas:  # a float32 tensor compared with a Python float: in float32
+        width_limits = np.float32(scale_w) < np.float32(scale_h)
     else:
-        new_h, new_w = bound_h, min(math.floor(width * scale_h), bound_w)
+        width_limits = scale_w < scale_h
+    if width_limits:
+        new_h, new_w = min(math.floor(type(scale_w)(height) * scale_w), bound_h), bound_w  # product in its precision
+    else:
+        new_h, new_w = bound_h, min(math.floor(type(scale_h)(width) * scale_h), bound_w)
     return TilingPlan(grid=(rows, cols), resized=(max(new_h, 1), max(new_w, 1)), tile_size=tile_size)
+
+
+def _ratio(numerator: int, denominator: int, in_float32: bool) -> np.float32 | float:
+    """`numerator / denominator` rounded to float32 (as int64 tensors divide) or to a Python float."""
+    return np.float32(numerator) / np.float32(denominator) if in_float32 else numerator / denominator
 
 
 # ---------------------------------------------------------------------------------------------------------------------
