@@ -1,9 +1,29 @@
-"""Integrity of saved checkpoint folders: a truncated or missing shard is named before anything loads from it."""
+"""Integrity of checkpoint folders: saves that cannot leave a folder loading as a valid but wrong model, loads that
+name a truncated or missing shard, refuse pickle-based weights, and resume only from completely saved Trainer
+checkpoints."""
 
 import json
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 from safetensors import safe_open
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
+
+WEIGHT_PATTERNS = (
+    "model*.safetensors",
+    "model*.safetensors.index.json",
+    "pytorch_model*.bin",
+    "pytorch_model*.bin.index.json",
+)
+PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
+TRAINER_STATE = "trainer_state.json"
 
 
 def verify_safetensors_folder(folder: str | Path) -> None:
@@ -31,3 +51,94 @@ def verify_safetensors_folder(folder: str | Path) -> None:
             raise ValueError(
                 f"Checkpoint file {shard} is truncated or corrupt ({error}); save or copy it again."
             ) from error
+
+
+def save_staged(save: Callable[[Path], None], folder: str | Path) -> None:
+    """Run `save(staging)` into a fresh sibling folder, then move its files into `folder`, weights index last.
+
+    A save that fails or is killed while writing (the long part) leaves `folder` as it was. Before the (fast) moves
+    the folder's previous weight files are deleted, so no interruption can mix new and old shards, and a sharded save
+    over an unsharded one (or back) leaves no stale `model.safetensors` that transformers would load instead.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.saving-", dir=folder.parent))
+    try:
+        save(staging)
+        for pattern in WEIGHT_PATTERNS:
+            for stale in folder.glob(pattern):
+                stale.unlink()
+        # The files from_pretrained starts from (the index, or the one unsharded weights file) go last.
+        for path in sorted(staging.iterdir(), key=_is_weights_entry_point):
+            os.replace(path, folder / path.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _is_weights_entry_point(path: Path) -> bool:
+    is_weights = any(path.match(pattern) for pattern in WEIGHT_PATTERNS)
+    return is_weights and re.search(r"-\d{5}-of-\d{5}\.", path.name) is None
+
+
+def refuse_pickle_weights(folder: str | Path) -> None:
+    """Raise `ValueError` if a local folder holds pickle-based weights and no safetensors ones: unpickling can run
+    arbitrary code, so llama4x reads only safetensors unless the caller passes `use_safetensors=False`."""
+    folder = Path(folder)
+    if not folder.is_dir() or any(folder.glob("*.safetensors")):
+        return
+    pickled = sorted(path.name for pattern in PICKLE_PATTERNS for path in folder.glob(pattern))
+    if pickled:
+        raise ValueError(
+            f"{folder} holds pickle-based weights {pickled} and no safetensors. Loading pickles can execute code, so "
+            "llama4x refuses them by default; pass use_safetensors=False only if you trust the files, or convert "
+            "them to safetensors."
+        )
+
+
+def trainer_checkpoint_problem(folder: str | Path) -> str | None:
+    """Why a Trainer `checkpoint-N` folder cannot be resumed from (None if it can).
+
+    The Trainer writes the weights, optimizer, scheduler and RNG states, then `trainer_state.json` last, so a
+    readable state file whose `global_step` is N, next to intact safetensors files, marks a completed save.
+    """
+    folder = Path(folder)
+    state = folder / TRAINER_STATE
+    if not state.is_file():
+        return f"{TRAINER_STATE} is missing (the save was interrupted)"
+    try:
+        step = json.loads(state.read_text())["global_step"]
+    except (ValueError, KeyError, TypeError) as error:
+        return f"{TRAINER_STATE} is unreadable ({error!r})"
+    match = re.fullmatch(rf"{PREFIX_CHECKPOINT_DIR}-(\d+)", folder.name)
+    if match and int(match.group(1)) != step:
+        return f"{TRAINER_STATE} records global_step {step}, not {match.group(1)}"
+    try:
+        verify_safetensors_folder(folder)
+    except ValueError as error:
+        return str(error)
+    return None
+
+
+def verify_trainer_checkpoint(folder: str | Path) -> None:
+    """Raise `ValueError` naming the problem if `folder` is not a completely saved Trainer checkpoint."""
+    problem = trainer_checkpoint_problem(folder)
+    if problem is not None:
+        raise ValueError(f"Cannot resume from {folder}: {problem}.")
+
+
+def last_complete_checkpoint(output_dir: str | Path) -> Path | None:
+    """The highest-step `checkpoint-N` folder in `output_dir` that was completely saved; incomplete ones are skipped
+    with a warning naming them (transformers' `get_last_checkpoint` would pick them)."""
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        return None
+    pattern = re.compile(rf"{PREFIX_CHECKPOINT_DIR}-(\d+)")
+    steps = {
+        int(m.group(1)): path for path in output_dir.iterdir() if path.is_dir() and (m := pattern.fullmatch(path.name))
+    }
+    for step in sorted(steps, reverse=True):
+        problem = trainer_checkpoint_problem(steps[step])
+        if problem is None:
+            return steps[step]
+        logger.warning(f"Skipping {steps[step]} when resuming: {problem}.")
+    return None

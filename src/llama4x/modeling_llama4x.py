@@ -31,7 +31,7 @@ from .balancing import (
     token_mask_from_attention_mask,
     update_balancing_bias,
 )
-from .checkpoints import verify_safetensors_folder
+from .checkpoints import refuse_pickle_weights, save_staged, verify_safetensors_folder
 from .chunked_attention import BlockwiseChunks, blockwise_chunks_for
 from .configuration_llama4x import Llama4XTextConfig
 from .moe import Llama4XExperts, Llama4XMLP, Llama4XMoE
@@ -336,9 +336,24 @@ class Llama4XPreTrainedModel(PreTrainedModel):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
-        """transformers' `from_pretrained`, after checking a local folder's shards (a truncated file is named)."""
+        """transformers' `from_pretrained`, reading safetensors only unless `use_safetensors=False` is passed (pickled
+        weights can run code), after checking a local folder's shards (a truncated or missing file is named)."""
+        if kwargs.get("use_safetensors") is not False:
+            refuse_pickle_weights(pretrained_model_name_or_path)
+            kwargs["use_safetensors"] = True
         verify_safetensors_folder(pretrained_model_name_or_path)
         return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+
+    def save_pretrained(self, save_directory, is_main_process: bool = True, *args, **kwargs):
+        """transformers' `save_pretrained`, staged (`checkpoints.save_staged`): an interrupted save leaves the folder
+        as it was or refusing to load, never mixing new and old weights. (Not staged when pushing to the hub.)"""
+        if not is_main_process or kwargs.get("push_to_hub"):
+            return super().save_pretrained(save_directory, is_main_process, *args, **kwargs)
+
+        def save(staging):
+            super(Llama4XPreTrainedModel, self).save_pretrained(staging, is_main_process, *args, **kwargs)
+
+        save_staged(save, save_directory)
 
     def get_compiled_call(self, compile_config):
         # transformers returns the uncompiled call for every model_type containing "llama4" (which "llama4x" does);

@@ -45,9 +45,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from transformers import HfArgumentParser, PreTrainedTokenizerBase, Trainer, TrainingArguments, set_seed
-from transformers.trainer_utils import get_last_checkpoint
 from transformers.utils import logging
 
+from .checkpoints import last_complete_checkpoint, verify_trainer_checkpoint
 from .data import IGNORE_INDEX, pack_token_ids, python_docs_texts
 from .monitoring import RoutingStatsCallback, find_text_model
 from .tokenization import CHAT_TEMPLATE
@@ -532,6 +532,18 @@ class Llama4XTrainer(Trainer):
         self._loss_parts: dict[str, torch.Tensor] = {}
         self._loss_parts_steps = 0.0
 
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
+        """`Trainer.train`, resuming only from completely saved checkpoints: `True` takes the last complete
+        `checkpoint-N` (skipping ones a kill cut short, which transformers would pick), a path must be complete."""
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = last_complete_checkpoint(self.args.output_dir)
+            if resume_from_checkpoint is None:
+                raise ValueError(f"No completely saved checkpoint-* folder in {self.args.output_dir} to resume from.")
+        elif resume_from_checkpoint:
+            verify_trainer_checkpoint(resume_from_checkpoint)
+        checkpoint = None if resume_from_checkpoint is None else str(resume_from_checkpoint)
+        return super().train(checkpoint, *args, **kwargs)
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         training = model.training
         if training:
@@ -669,9 +681,9 @@ def train(
 
     resume = training_args.resume_from_checkpoint
     if training_args.resume and resume is None:
-        resume = get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
+        resume = last_complete_checkpoint(output_dir)
         if resume is None:
-            raise ValueError(f"--resume: no checkpoint-* folder in --output-dir {str(output_dir)!r}.")
+            raise ValueError(f"--resume: no completely saved checkpoint-* folder in --output-dir {str(output_dir)!r}.")
 
     processing = load_processing(model_args, multimodal)
     if processing is None:
