@@ -4,7 +4,16 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from llama4x.data import pack_token_ids, python_docs_texts, train_eval_split
+from llama4x.data import (
+    PARITY_QUESTION,
+    block_batches,
+    lm_rows,
+    make_lm_blocks,
+    pack_token_ids,
+    parity_records,
+    python_docs_texts,
+    train_eval_split,
+)
 
 
 def test_python_docs_texts_are_nonempty_deterministic_and_sorted_by_topic():
@@ -75,3 +84,40 @@ def test_pack_token_ids_drops_nothing(seqs, block_size):
 def test_pack_token_ids_rejects_bad_block_size(block_size):
     with pytest.raises(ValueError, match="block_size"):
         pack_token_ids([[1, 2]], block_size=block_size, eos_id=0)
+
+
+class WordTokenizer:
+    """Ids of whitespace-separated words (the word's length + 10), BOS-prefixed, as `tokenizer(texts)` returns them."""
+
+    bos_token_id, eos_token_id, pad_token_id = 1, 2, 0
+
+    def __call__(self, texts):
+        return {"input_ids": [[self.bos_token_id] + [len(w) + 10 for w in text.split()] for text in texts]}
+
+
+def test_make_lm_blocks_by_hand_labels_padding_minus_100():
+    input_ids, attention_mask, labels = make_lm_blocks(WordTokenizer(), ["a bb", "ccc"], block_size=4)
+    # stream: <bos> 11 12 <eos> <bos> 13 <eos> -> the second block is padded with pad_token_id
+    assert input_ids.tolist() == [[1, 11, 12, 2], [1, 13, 2, 0]]
+    assert attention_mask.tolist() == [[1, 1, 1, 1], [1, 1, 1, 0]]
+    assert labels.tolist() == [[1, 11, 12, 2], [1, 13, 2, -100]]
+
+
+def test_lm_rows_and_block_batches_hold_the_blocks_in_order():
+    texts = ["a bb ccc", "dddd", "e ff ggg hhhh iiiii"]
+    blocks = make_lm_blocks(WordTokenizer(), texts, block_size=3)
+    rows = lm_rows(WordTokenizer(), texts, block_size=3)
+    batches = block_batches(blocks, batch_size=2)
+    assert len(rows) == 5  # 15 tokens: 12 words + 3 EOS
+    for name, tensor in zip(("input_ids", "attention_mask", "labels"), blocks):
+        assert [row[name].tolist() for row in rows] == tensor.tolist()
+        assert [len(b[name]) for b in batches] == [2, 2, 1]
+        assert [r for b in batches for r in b[name].tolist()] == tensor.tolist()
+
+
+def test_parity_records_ask_the_parity_question_and_keep_the_image():
+    records = [{"image": "img", "question": "What digit is this?", "answer": a} for a in ("0", "7", "8")]
+    asked = parity_records(records)
+    assert [r["answer"] for r in asked] == ["even", "odd", "even"]
+    assert all(r["question"] == PARITY_QUESTION and r["image"] == "img" for r in asked)
+    assert records[1]["answer"] == "7", "the input records are left unchanged"

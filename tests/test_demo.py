@@ -9,12 +9,13 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
 
 import llama4x
 from llama4x import demo
 from llama4x.cli import main
+from llama4x.data import block_batches
+from llama4x.evaluation import perplexity
 
 pytest.importorskip("sklearn", reason="the demo's digits data needs scikit-learn (the `demo` extra)")
 
@@ -104,9 +105,8 @@ def test_quick_demo_models_load_with_the_auto_classes_and_reproduce_the_report(q
     # The reloaded teacher gives the reported held-out perplexity: the saved weights are the evaluated ones.
     settings = demo.DemoSettings(**report["settings"])
     blocks = demo.DemoData(settings).text_blocks(processor.tokenizer, "eval")
-    with torch.no_grad():
-        perplexity = demo.perplexity(teacher.eval(), blocks)
-    assert perplexity == pytest.approx(report["evaluation"]["text_perplexity"], rel=1e-4)
+    reloaded = perplexity(teacher, block_batches(blocks))
+    assert reloaded == pytest.approx(report["evaluation"]["text_perplexity"], rel=1e-4)
 
     adapted = PeftModel.from_pretrained(teacher, out / "lora_parity")
     assert any("lora_" in name for name, _ in adapted.named_parameters())
@@ -253,12 +253,6 @@ def test_shifted_scan_moves_the_pixels_and_fills_with_white():
         assert abs(row - 3) <= 1 and abs(col - 4) <= 1
         seen.add((int(row), int(col)))
     assert len(seen) == 9, seen
-
-
-def test_parity_records_ask_the_new_question():
-    records = demo.parity_records([{"image": None, "question": "q", "answer": str(d)} for d in range(10)])
-    assert [r["answer"] for r in records] == ["even", "odd"] * 5
-    assert {r["question"] for r in records} == {demo.PARITY_QUESTION}
 
 
 def test_lr_schedule_warms_up_then_decays_to_the_floor():

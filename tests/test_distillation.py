@@ -550,6 +550,25 @@ def test_distill_command_writes_the_student_the_baseline_and_the_report(text_tea
     assert isinstance(AutoModelForCausalLM.from_pretrained(out), LlamaForCausalLM)
 
 
+def test_distill_passes_callbacks_to_the_trainer_of_each_student(text_teacher_dir, tmp_path):
+    from transformers import TrainerCallback
+
+    from llama4x.distillation import distill
+
+    class StepRecorder(TrainerCallback):
+        def __init__(self):
+            self.steps = []
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.steps.append((args.output_dir, state.global_step))
+
+    recorder = StepRecorder()
+    distill(text_teacher_dir, tmp_path / "out", student_kind="llama", layers=2, steps=2, batch_size=2, block_size=16,
+            eval_size=2, calibration_batches=1, callbacks=[recorder])  # fmt: skip
+    runs = tmp_path / "out" / "runs"
+    assert recorder.steps == [(str(runs / name), step) for name in ("distilled", "labels_only") for step in (1, 2)]
+
+
 def test_distill_job_on_a_multimodal_teacher_distills_with_images_and_reports_digits_accuracy(tmp_path):
     from llama4x import Llama4XConfig, Llama4XImageProcessor, Llama4XProcessor
     from llama4x.configuration_llama4x import SPECIAL_TOKEN_PRESETS

@@ -1,10 +1,12 @@
 """Bundled data: text and images that ship with installed packages, so the demo and tests need no network.
 
 `python_docs_texts()` returns the help topics of Python's own documentation (`pydoc_data.topics`), which every
-CPython install carries. `pack_token_ids` turns tokenized documents into the fixed-size blocks a causal LM trains on.
+CPython install carries. `pack_token_ids` turns tokenized documents into the fixed-size blocks a causal LM trains on;
+`make_lm_blocks` tokenizes and packs texts into tensors, `lm_rows` into dataset rows, `block_batches` batches them.
 
 `digits_vqa()` turns scikit-learn's bundled handwritten digits (the optional `demo` extra) into visual question
-answering records, and `DigitsCollator` turns those records into supervised batches for a `Llama4XProcessor` model.
+answering records (`parity_records` asks them a second question), and `DigitsCollator` turns those records into
+supervised batches for a `Llama4XProcessor` model.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 
 DIGITS_QUESTION = "What digit is this?"
+PARITY_QUESTION = "Is this digit even or odd?"
 IGNORE_INDEX = -100  # label of positions without loss (transformers' convention)
 
 
@@ -97,6 +100,45 @@ def pack_token_ids(
     return blocks, masks
 
 
+def make_lm_blocks(
+    tokenizer: Any, texts: Sequence[str], block_size: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Tokenize `texts` (BOS-prefixed), pack them EOS-separated into blocks; return `(input_ids, mask, labels)`,
+    each `(N, block_size)`.
+
+    Labels equal the input ids with the padding of the final block set to -100; the model shifts them itself.
+    """
+    import torch
+
+    ids = tokenizer(list(texts))["input_ids"]
+    blocks, masks = pack_token_ids(ids, block_size, eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id)
+    input_ids = torch.tensor(blocks, dtype=torch.long)  # (N, T)
+    attention_mask = torch.tensor(masks, dtype=torch.long)  # (N, T)
+    labels = input_ids.masked_fill(attention_mask == 0, IGNORE_INDEX)  # (N, T)
+    return input_ids, attention_mask, labels
+
+
+def lm_rows(tokenizer: Any, texts: Sequence[str], block_size: int) -> list[dict[str, torch.Tensor]]:
+    """The blocks of `make_lm_blocks` as dataset rows `{"input_ids", "attention_mask", "labels"}`, each `(T,)`."""
+    input_ids, attention_mask, labels = make_lm_blocks(tokenizer, texts, block_size)
+    return [
+        {"input_ids": ids, "attention_mask": mask, "labels": target}
+        for ids, mask, target in zip(input_ids, attention_mask, labels)
+    ]
+
+
+def block_batches(
+    blocks: tuple[torch.Tensor, torch.Tensor, torch.Tensor], batch_size: int = 8
+) -> list[dict[str, torch.Tensor]]:
+    """`make_lm_blocks` output cut, in order, into batches of `batch_size` blocks: dicts of `(B, T)` tensors."""
+    input_ids, attention_mask, labels = blocks
+    return [
+        {"input_ids": input_ids[i : i + batch_size], "attention_mask": attention_mask[i : i + batch_size],
+         "labels": labels[i : i + batch_size]}
+        for i in range(0, input_ids.shape[0], batch_size)
+    ]  # fmt: skip
+
+
 def digits_vqa(image_size: int = 32, test_fraction: float = 0.2) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """scikit-learn's 1,797 handwritten digit scans as `(train, test)` visual question answering records.
 
@@ -137,6 +179,16 @@ def digits_vqa(image_size: int = 32, test_fraction: float = 0.2) -> tuple[list[d
     ]
     n_test = round(len(records) * test_fraction)
     return records[: len(records) - n_test], records[len(records) - n_test :]
+
+
+def parity(answer: str) -> str:
+    """The answer to `PARITY_QUESTION` about the digit `answer`: "even" or "odd"."""
+    return "even" if int(answer) % 2 == 0 else "odd"
+
+
+def parity_records(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The `digits_vqa` records asked `PARITY_QUESTION` instead, answered "even" or "odd"."""
+    return [{**record, "question": PARITY_QUESTION, "answer": parity(record["answer"])} for record in records]
 
 
 class DigitsCollator:

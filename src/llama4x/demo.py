@@ -54,8 +54,20 @@ from transformers.utils import logging
 
 from .balancing import max_violation
 from .configuration_llama4x import FUSION_TYPES
-from .data import DIGITS_QUESTION, IGNORE_INDEX, DigitsCollator, digits_vqa, python_docs_texts, train_eval_split
-from .smoke import evaluate_lm_loss, make_lm_blocks
+from .data import (
+    DIGITS_QUESTION,
+    IGNORE_INDEX,
+    PARITY_QUESTION,
+    DigitsCollator,
+    block_batches,
+    digits_vqa,
+    lm_rows,
+    make_lm_blocks,
+    parity_records,
+    python_docs_texts,
+    train_eval_split,
+)
+from .evaluation import answer_questions, exact_match, perplexity
 from .tokenization import EOT_TOKEN, SPECIAL_TOKENS
 
 logger = logging.get_logger(__name__)
@@ -69,7 +81,6 @@ STAGE_TITLES = {
     "distill": "distill the teacher into dense students",
     "report": "write the report and plots",
 }
-PARITY_QUESTION = "Is this digit even or odd?"
 TEXT_PROMPTS = ("The ", "def ", "A class ", "If the ")
 # Share of `--minutes` for the teacher's training. The later training stages scale their steps by the same factor,
 # which keeps their share of a default run (LoRA ~5 %, distillation ~25 %); evaluation and saving take the rest.
@@ -171,14 +182,6 @@ class DemoStageError(RuntimeError):
 
 
 # ---- data ----------------------------------------------------------------------------------------------------------
-
-
-def parity_records(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The digit records asked `PARITY_QUESTION`, answered "even" or "odd"."""
-    return [
-        {**record, "question": PARITY_QUESTION, "answer": "even" if int(record["answer"]) % 2 == 0 else "odd"}
-        for record in records
-    ]
 
 
 def shifted(record: dict[str, Any], rng: random.Random, pixels: int) -> dict[str, Any]:
@@ -411,53 +414,11 @@ class TqdmCallback(TrainerCallback):
 # ---- evaluation ----------------------------------------------------------------------------------------------------
 
 
-@torch.no_grad()
-def answer_questions(
-    model: torch.nn.Module, processor, records: Sequence[dict[str, Any]], batch_size: int = 64, verbose: bool = False
-) -> list[str]:
-    """The model's greedy answers (decoded up to `<|eot|>`, stripped) to the records' image questions."""
-    collator = DigitsCollator(processor, padding_side="left", include_answer=False)
-    eot = processor.tokenizer.convert_tokens_to_ids(EOT_TOKEN)
-    model.eval()
-    answers = []
-    starts = range(0, len(records), batch_size)
-    for start in tqdm(starts, desc="answering", disable=not verbose, leave=False, dynamic_ncols=True):
-        batch = collator(records[start : start + batch_size])
-        generated = model.generate(
-            **batch, max_new_tokens=4, do_sample=False, eos_token_id=eot, pad_token_id=processor.tokenizer.pad_token_id
-        )
-        for row in generated[:, batch["input_ids"].shape[1] :].tolist():
-            row = row[: row.index(eot)] if eot in row else row
-            answers.append(processor.tokenizer.decode(row).strip())
-    return answers
-
-
-def accuracy(answers: Sequence[str], records: Sequence[dict[str, Any]]) -> float:
-    """Exact-match accuracy of `answers` against the records' answers."""
-    return sum(a == r["answer"] for a, r in zip(answers, records, strict=True)) / max(len(records), 1)
-
-
-@torch.no_grad()
 def answer_perplexity(model: torch.nn.Module, processor, records: Sequence[dict[str, Any]]) -> float:
-    """`exp` of the mean cross-entropy of the answer tokens (answer and `<|eot|>`) given image and question: how
-    sure the model is of the right answers, a finer measure than exact match."""
-    import torch.nn.functional as F
-
+    """Perplexity of the answer tokens (answer and `<|eot|>`) given image and question: how sure the model is of the
+    right answers, a finer measure than exact match."""
     collator = DigitsCollator(processor)
-    model.eval()
-    total, count = 0.0, 0
-    for start in range(0, len(records), 64):
-        batch = collator(records[start : start + 64])
-        labels = batch.pop("labels")[:, 1:]
-        logits = model(**batch).logits[:, :-1].float()
-        total += F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=IGNORE_INDEX, reduction="sum").item()
-        count += int((labels != IGNORE_INDEX).sum())
-    return math.exp(total / max(count, 1))
-
-
-def perplexity(model: torch.nn.Module, blocks: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> float:
-    """`exp` of the held-out next-token cross-entropy (balancing losses left out)."""
-    return math.exp(min(evaluate_lm_loss(model, *blocks), 80.0))
+    return perplexity(model, (collator(records[i : i + 64]) for i in range(0, len(records), 64)))
 
 
 @torch.no_grad()
@@ -466,15 +427,10 @@ def held_out_expert_load(
 ) -> torch.Tensor:
     """Tokens per expert `(MoE layers, E)` over the held-out text blocks and digit sequences (padding excluded)."""
     model.eval()
-    input_ids, attention_mask, _ = text_blocks
-    batches = [
-        {"input_ids": input_ids[i : i + 8], "attention_mask": attention_mask[i : i + 8]}
-        for i in range(0, input_ids.shape[0], 8)
-    ]
-    batches += [{k: v for k, v in b.items() if k != "labels"} for b in digit_batches]
     total = None
-    for batch in batches:
-        load = model(**batch, output_router_logits=True).expert_load.cpu()
+    for batch in block_batches(text_blocks) + list(digit_batches):
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        load = model(**inputs, output_router_logits=True).expert_load.cpu()
         total = load if total is None else total + load
     return total
 
@@ -675,11 +631,11 @@ def stage_evaluate(run: DemoRun) -> dict[str, Any]:
     collator = DigitsCollator(processor)
     digit_batches = [collator(digits_test[i : i + 64]) for i in range(0, len(digits_test), 64)]
     return {
-        "text_perplexity": perplexity(teacher, text_eval),
+        "text_perplexity": perplexity(teacher, block_batches(text_eval)),
         "text_eval_blocks": text_eval[0].shape[0],
         "text_eval_tokens": int((text_eval[2][:, 1:] != IGNORE_INDEX).sum()),
         "uniform_perplexity": float(len(tokenizer)),
-        "digits_accuracy": accuracy(answers, digits_test),
+        "digits_accuracy": exact_match(answers, digits_test),
         "digits_answer_perplexity": answer_perplexity(teacher, processor, digits_test),
         "digits_eval_examples": len(digits_test),
         "digits_answers": answers,
@@ -731,8 +687,8 @@ def stage_lora(run: DemoRun) -> dict[str, Any]:
         "steps": steps,
         "train_seconds": seconds,
         "history": history,
-        "accuracy_before": accuracy(before, test),
-        "accuracy_after": accuracy(after, test),
+        "accuracy_before": exact_match(before, test),
+        "accuracy_after": exact_match(after, test),
         "chance": 0.5,
         "answers_before": before[:12],
         "answers_after": after,
@@ -744,9 +700,9 @@ def stage_lora(run: DemoRun) -> dict[str, Any]:
 def _distill_student(run: DemoRun, teacher, processor, kind: str) -> dict[str, Any]:
     """Distill `teacher` into a dense `kind` student and train the same initial student on labels only; both saved
     under `students/<kind>/` (the baseline in `labels_only/`)."""
-    from transformers import LlamaForCausalLM, TrainingArguments, default_data_collator, set_seed
+    from transformers import LlamaForCausalLM, default_data_collator, set_seed
 
-    from .distillation import DistillationArguments, DistillationTrainer, text_rows
+    from .distillation import DistillationArguments, DistillationTrainer, distillation_training_arguments
     from .distillation_students import init_student_from_teacher, student_config
     from .modeling_multimodal import Llama4XForConditionalGeneration
 
@@ -756,7 +712,7 @@ def _distill_student(run: DemoRun, teacher, processor, kind: str) -> dict[str, A
     if kind == "llama4x":  # multimodal: the digits, images included
         rows, collator, batch_size = run.data.digits[0], DigitsCollator(processor), s.digits_batch_size
     else:  # text only
-        rows = text_rows(tokenizer, run.data.train_texts, s.block_size)
+        rows = lm_rows(tokenizer, run.data.train_texts, s.block_size)
         collator, batch_size = default_data_collator, s.text_batch_size
     set_seed(s.seed)
     config = student_config(teacher.config, kind)
@@ -771,12 +727,9 @@ def _distill_student(run: DemoRun, teacher, processor, kind: str) -> dict[str, A
         ("distilled", student, dargs),
         ("labels_only", labels_only, dataclasses.replace(dargs, alpha=0.0)),
     ):
-        training_args = TrainingArguments(
-            output_dir=str(folder / "runs" / name), max_steps=steps, per_device_train_batch_size=batch_size,
-            learning_rate=s.distill_lr, lr_scheduler_type="cosine", warmup_steps=max(1, steps // 20),
-            weight_decay=0.0, logging_steps=max(1, min(s.log_every, steps // 5)), save_strategy="no",
-            report_to="none", disable_tqdm=True, dataloader_pin_memory=False, remove_unused_columns=False,
-            seed=s.seed, use_cpu=True,
+        training_args = distillation_training_arguments(
+            folder / "runs" / name, steps, s.distill_lr, batch_size, s.seed,
+            logging_steps=max(1, min(s.log_every, steps // 5)), use_cpu=True,
         )  # fmt: skip
         trainer = DistillationTrainer(
             model=model, teacher=teacher if args.alpha > 0 else None, distillation_args=args, args=training_args,
@@ -827,10 +780,10 @@ def stage_distill(run: DemoRun) -> dict[str, Any]:
     for kind, auto in (("llama4x", AutoModelForImageTextToText), ("llama", AutoModelForCausalLM)):
         for name, folder in (("distilled", ""), ("labels_only", "labels_only")):
             model = auto.from_pretrained(run.out / "students" / kind / folder).eval()
-            entry = {"text_perplexity": perplexity(model, text_eval)}
+            entry = {"text_perplexity": perplexity(model, block_batches(text_eval))}
             if kind == "llama4x":
                 answers = answer_questions(model, processor, digits_test, verbose=run.verbose)
-                entry["digits_accuracy"] = accuracy(answers, digits_test)
+                entry["digits_accuracy"] = exact_match(answers, digits_test)
                 entry["digits_answer_perplexity"] = answer_perplexity(model, processor, digits_test)
             entry["decode_tokens_per_second"] = speed(model)
             evaluation[f"{kind}/{name}"] = entry

@@ -31,10 +31,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import Trainer, TrainingArguments, default_data_collator, set_seed
+from transformers import Trainer, TrainerCallback, TrainingArguments, default_data_collator, set_seed
 from transformers.utils import logging
 
-from .data import IGNORE_INDEX, pack_token_ids, python_docs_texts, train_eval_split
+from .data import lm_rows, python_docs_texts, train_eval_split
 from .distillation_cache import (
     CACHE_DTYPES,
     CACHE_KEYS,
@@ -79,6 +79,7 @@ __all__ = [
     "distill",
     "distillation_loss",
     "distillation_report",
+    "distillation_training_arguments",
     "init_student_from_teacher",
     "prepare_teacher_cache",
     "select_layers",
@@ -290,17 +291,6 @@ class DistillationTrainer(Trainer):
 # ---- the `llama4x distill` job ------------------------------------------------------------------------------------
 
 
-def text_rows(tokenizer, texts: Sequence[str], block_size: int) -> list[dict[str, list[int]]]:
-    """`texts` tokenized and packed into `block_size` blocks (EOS between documents): `input_ids`, `attention_mask`
-    and `labels` (the ids, -100 on the last block's padding)."""
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    blocks, masks = pack_token_ids(tokenizer(list(texts))["input_ids"], block_size, tokenizer.eos_token_id, pad)
-    return [
-        {"input_ids": ids, "attention_mask": mask, "labels": [t if m else IGNORE_INDEX for t, m in zip(ids, mask)]}
-        for ids, mask in zip(blocks, masks)
-    ]
-
-
 def _load_teacher(teacher_dir: str | Path):
     """`(teacher, processing, composite)`: the model, its processor (composite) or tokenizer, and which it is."""
     from transformers import (
@@ -339,24 +329,29 @@ def _new_student(config):
     return Llama4XForCausalLM(config)
 
 
-def _training_arguments(output_dir: Path, steps: int, learning_rate: float, batch_size: int, seed: int):
-    return TrainingArguments(
-        output_dir=str(output_dir),
-        max_steps=steps,
-        per_device_train_batch_size=batch_size,
-        learning_rate=learning_rate,
-        lr_scheduler_type="cosine",
-        warmup_steps=max(1, steps // 20),
-        weight_decay=0.0,
-        logging_steps=max(1, steps // 20),
-        save_strategy="no",
-        report_to="none",
-        disable_tqdm=True,
-        dataloader_pin_memory=False,
-        remove_unused_columns=False,  # digits records and cached logits reach the collator whole
-        seed=seed,
-        use_cpu=not torch.cuda.is_available(),
-    )
+def distillation_training_arguments(
+    output_dir: str | Path, steps: int, learning_rate: float, batch_size: int, seed: int, **overrides: Any
+) -> TrainingArguments:
+    """`TrainingArguments` of a `steps`-step student run: cosine schedule after a 5% warm-up, about 20 logs, no
+    checkpoints or reporting, the GPU when there is one; `overrides` replace any of them."""
+    fields = {
+        "output_dir": str(output_dir),
+        "max_steps": steps,
+        "per_device_train_batch_size": batch_size,
+        "learning_rate": learning_rate,
+        "lr_scheduler_type": "cosine",
+        "warmup_steps": max(1, steps // 20),
+        "weight_decay": 0.0,
+        "logging_steps": max(1, steps // 20),
+        "save_strategy": "no",
+        "report_to": "none",
+        "disable_tqdm": True,
+        "dataloader_pin_memory": False,
+        "remove_unused_columns": False,  # digits records and cached logits reach the collator whole
+        "seed": seed,
+        "use_cpu": not torch.cuda.is_available(),
+    }
+    return TrainingArguments(**{**fields, **overrides})
 
 
 def distill(
@@ -377,6 +372,7 @@ def distill(
     eval_size: int = 32,
     baseline: bool = True,
     distillation_args: DistillationArguments | None = None,
+    callbacks: Sequence[TrainerCallback] = (),
 ) -> dict[str, Any]:
     """Distill the llama4x model saved in `teacher` into a dense student saved in `out`, with a report.
 
@@ -386,6 +382,7 @@ def distill(
     the teacher with `calibration_batches` training batches (`init="teacher"`) or randomly (`init="random"`), then
     trained `steps` steps with `DistillationTrainer`; with `baseline`, a copy of the same initial student is trained
     the same steps on the labels only (`alpha=0`). `eval_size` held-out blocks (text) or questions (digits) measure them.
+    `callbacks` (`TrainerCallback`s, as for `llama4x.training.train`) go to the Trainer of each student.
 
     Writes to `out`: the student and the tokenizer / processor, `labels_only/` (the baseline),
     `distillation_report.{md,json,png}`, `teacher_cache/` (offline), `runs/` (trainer logs). Returns the report.
@@ -428,8 +425,8 @@ def distill(
         eval_rows = digits_test
     else:
         train_texts, eval_texts = train_eval_split(python_docs_texts(), seed=seed)
-        train_rows = text_rows(tokenizer, train_texts, block_size)
-        eval_rows = text_rows(tokenizer, eval_texts, block_size)[:eval_size]
+        train_rows = lm_rows(tokenizer, train_texts, block_size)
+        eval_rows = lm_rows(tokenizer, eval_texts, block_size)[:eval_size]
         collator = default_data_collator
     eval_batches = [collator(eval_rows[i : i + batch_size]) for i in range(0, len(eval_rows), batch_size)]
 
@@ -446,8 +443,8 @@ def distill(
 
     trainer = DistillationTrainer(
         model=student, teacher=teacher_model, distillation_args=dargs,
-        args=_training_arguments(out / "runs" / "distilled", steps, learning_rate, batch_size, seed),
-        train_dataset=train_rows, data_collator=collator,
+        args=distillation_training_arguments(out / "runs" / "distilled", steps, learning_rate, batch_size, seed),
+        train_dataset=train_rows, data_collator=collator, callbacks=list(callbacks),
     )  # fmt: skip
     trainer.train()
     logs = {"distilled": trainer.state.log_history}
@@ -456,8 +453,8 @@ def distill(
         baseline_args = dataclasses.replace(dargs, alpha=0.0, hidden_weight=0.0, offline=False)
         baseline_trainer = DistillationTrainer(
             model=labels_only, distillation_args=baseline_args,
-            args=_training_arguments(out / "runs" / "labels_only", steps, learning_rate, batch_size, seed),
-            train_dataset=train_rows, data_collator=collator,
+            args=distillation_training_arguments(out / "runs" / "labels_only", steps, learning_rate, batch_size, seed),
+            train_dataset=train_rows, data_collator=collator, callbacks=list(callbacks),
         )  # fmt: skip
         baseline_trainer.train()
         logs["labels_only"] = baseline_trainer.state.log_history

@@ -1,8 +1,8 @@
 """The distillation report: quality, size and speed of a teacher and its students, as markdown, JSON and a plot.
 
-Quality: held-out perplexity, `exp` of the mean next-token cross-entropy over the supervised tokens (labels -100
-excluded; the models' balancing losses are left out), and for multimodal runs the exact-match accuracy of greedy
-answers to the held-out digits questions. Size: parameters; active parameters per token (all parameters minus, in
+Quality (`llama4x.evaluation`): held-out perplexity, `exp` of the mean next-token cross-entropy over the supervised
+tokens (labels -100 excluded; the models' balancing losses are left out), and for multimodal runs the exact-match
+accuracy of greedy answers to the held-out digits questions. Size: parameters; active parameters per token (all parameters minus, in
 each MoE layer, the routed experts a token does not use: `(E - K)` experts' weights; embeddings, LM head and vision
 tower included); parameter memory (bytes of the parameters in their dtype). Speed: greedy decoding tokens/s at batch
 size 1 with the KV cache, after a warm-up, best of a few runs.
@@ -11,62 +11,15 @@ size 1 with the KV cache, after a warm-up, best of a few runs.
 from __future__ import annotations
 
 import json
-import math
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
-from .data import IGNORE_INDEX
+from .evaluation import answer_accuracy, evaluating, perplexity
 
 REPORT_NAME = "distillation_report"
-
-
-def _device(model: torch.nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
-@torch.no_grad()
-def heldout_perplexity(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]]) -> float:
-    """Perplexity of `model` on the supervised next tokens of `batches` (dicts with `input_ids`, `labels`, optionally
-    `attention_mask` and `pixel_values`)."""
-    was_training = model.training
-    model.eval()
-    device = _device(model)
-    total, count = 0.0, 0
-    for batch in batches:
-        inputs = {k: v.to(device) for k, v in batch.items() if k in ("input_ids", "attention_mask", "pixel_values")}
-        logits = model(**inputs).logits[:, :-1].float()
-        targets = batch["labels"][:, 1:].to(device)
-        total += F.cross_entropy(logits.transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="sum").item()
-        count += int((targets != IGNORE_INDEX).sum())
-    model.train(was_training)
-    return math.exp(min(total / max(count, 1), 80.0))
-
-
-@torch.no_grad()
-def digits_accuracy(model: torch.nn.Module, processor, records: list[dict[str, Any]], batch_size: int = 64) -> float:
-    """Exact-match accuracy of greedy answers (up to `<|eot|>`) to `digits_vqa` records' questions."""
-    from .data import DigitsCollator
-    from .tokenization import EOT_TOKEN
-
-    collator = DigitsCollator(processor, padding_side="left", include_answer=False)
-    eot = processor.tokenizer.convert_tokens_to_ids(EOT_TOKEN)
-    device = _device(model)
-    was_training = model.training
-    model.eval()
-    correct = 0
-    for start in range(0, len(records), batch_size):
-        chunk = records[start : start + batch_size]
-        batch = {key: value.to(device) for key, value in collator(chunk).items()}
-        generated = model.generate(**batch, max_new_tokens=4, do_sample=False, eos_token_id=eot, pad_token_id=eot)
-        for record, row in zip(chunk, generated[:, batch["input_ids"].shape[1] :].tolist()):
-            row = row[: row.index(eot)] if eot in row else row
-            correct += processor.tokenizer.decode(row).strip() == record["answer"]
-    model.train(was_training)
-    return correct / max(len(records), 1)
 
 
 def parameter_summary(model: torch.nn.Module) -> dict[str, int]:
@@ -82,26 +35,23 @@ def parameter_summary(model: torch.nn.Module) -> dict[str, int]:
     return {"parameters": total, "active_parameters": total - inactive, "parameter_bytes": nbytes}
 
 
-@torch.no_grad()
 def decode_tokens_per_second(
     model: torch.nn.Module, prompt_ids: torch.Tensor, new_tokens: int = 32, repeats: int = 5
 ) -> float:
     """Greedy decoding speed at batch size 1: `new_tokens` / the best wall time of `repeats` runs."""
-    was_training = model.training
-    model.eval()
-    prompt_ids = prompt_ids[:1].to(_device(model))
     settings = {"do_sample": False, "min_new_tokens": new_tokens, "max_new_tokens": new_tokens, "pad_token_id": 0}
-    model.generate(input_ids=prompt_ids, **{**settings, "min_new_tokens": 2, "max_new_tokens": 2})  # warm-up
     best = float("inf")
-    for _ in range(repeats):
-        if prompt_ids.is_cuda:
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        model.generate(input_ids=prompt_ids, **settings)
-        if prompt_ids.is_cuda:
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - start)
-    model.train(was_training)
+    with evaluating(model) as device:
+        prompt_ids = prompt_ids[:1].to(device)
+        model.generate(input_ids=prompt_ids, **{**settings, "min_new_tokens": 2, "max_new_tokens": 2})  # warm-up
+        for _ in range(repeats):
+            if prompt_ids.is_cuda:
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            model.generate(input_ids=prompt_ids, **settings)
+            if prompt_ids.is_cuda:
+                torch.cuda.synchronize()
+            best = min(best, time.perf_counter() - start)
     return new_tokens / best
 
 
@@ -177,10 +127,10 @@ def distillation_report(
     """
     measured = {}
     for name, model in models.items():
-        entry = {"perplexity": heldout_perplexity(model, eval_batches), **parameter_summary(model)}
+        entry = {"perplexity": perplexity(model, eval_batches), **parameter_summary(model)}
         multimodal = hasattr(getattr(model, "model", None), "vision_model")
         entry["digits_accuracy"] = (
-            digits_accuracy(model, processor, digits_records) if digits_records and multimodal else None
+            answer_accuracy(model, processor, digits_records) if digits_records and multimodal else None
         )
         entry["decode_tokens_per_second"] = decode_tokens_per_second(model, prompt_ids, decode_tokens)
         measured[name] = entry

@@ -32,12 +32,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..balancing import load_entropy, max_violation
-from ..data import python_docs_texts, train_eval_split
-from ..smoke import IGNORE_INDEX, make_lm_blocks
+from ..data import block_batches, make_lm_blocks, python_docs_texts, train_eval_split
+from ..evaluation import evaluating, next_token_loss_sum
 from ..tokenization import train_tokenizer
 
 # 8.5 epochs of the bundled data: the held-out loss is still falling, balance has settled, and the four variants
@@ -89,7 +88,6 @@ def lm_part_of_loss(outputs: Any, config: Any) -> torch.Tensor:
     return loss
 
 
-@torch.no_grad()
 def evaluate_balance(
     model: torch.nn.Module,
     input_ids: torch.Tensor,
@@ -101,24 +99,18 @@ def evaluate_balance(
 
     Runs in eval mode (no bias updates, no jitter) with `output_router_logits=True`; restores the training mode.
     """
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
     total, count, load_LE = 0.0, 0, None
-    for start in range(0, input_ids.shape[0], batch_size):
-        sl = slice(start, start + batch_size)
-        outputs = model(
-            input_ids=input_ids[sl].to(device), attention_mask=attention_mask[sl].to(device), output_router_logits=True
-        )
-        logits = outputs.logits[:, :-1].float()  # (B, T-1, V)
-        shift_labels = labels[sl, 1:].to(device)  # (B, T-1)
-        total += F.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]), shift_labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
-        ).item()
-        count += int((shift_labels != IGNORE_INDEX).sum())
-        load = outputs.expert_load.cpu()  # (L, E)
-        load_LE = load if load_LE is None else load_LE + load
-    model.train(was_training)
+    with evaluating(model) as device:
+        for batch in block_batches((input_ids, attention_mask, labels), batch_size):
+            outputs = model(
+                input_ids=batch["input_ids"].to(device),
+                attention_mask=batch["attention_mask"].to(device),
+                output_router_logits=True,
+            )
+            batch_total, batch_count = next_token_loss_sum(outputs.logits, batch["labels"])
+            total, count = total + batch_total, count + batch_count
+            load = outputs.expert_load.cpu()  # (L, E)
+            load_LE = load if load_LE is None else load_LE + load
     violation_L, entropy_L = max_violation(load_LE), load_entropy(load_LE)
     return {
         "lm_loss": total / max(count, 1),

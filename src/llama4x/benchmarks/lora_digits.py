@@ -19,12 +19,18 @@ from typing import Any
 
 import torch
 
-PARITY_QUESTION = "Is this digit even or odd?"
+from ..data import DIGITS_QUESTION, PARITY_QUESTION, digits_vqa, parity, parity_records, python_docs_texts
+from ..evaluation import answer_accuracy
+
+__all__ = [
+    "PARITY_QUESTION",
+    "build_pretrain_folder",
+    "parity",
+    "run_lora_digits_benchmark",
+    "write_image_text_jsonl",
+]
+
 TILE = 32
-
-
-def parity(answer: str) -> str:
-    return "even" if int(answer) % 2 == 0 else "odd"
 
 
 def build_pretrain_folder(folder: Path, seed: int = 0) -> Path:
@@ -32,7 +38,6 @@ def build_pretrain_folder(folder: Path, seed: int = 0) -> Path:
     from transformers import set_seed
 
     from ..configuration_llama4x import SPECIAL_TOKEN_PRESETS, Llama4XConfig, Llama4XTextConfig, Llama4XVisionConfig
-    from ..data import DIGITS_QUESTION, python_docs_texts
     from ..modeling_multimodal import Llama4XForConditionalGeneration
     from ..processing_llama4x import Llama4XImageProcessor, Llama4XProcessor
     from ..tokenization import train_tokenizer
@@ -79,27 +84,6 @@ def write_image_text_jsonl(records: list[dict[str, Any]], folder: Path, name: st
     return path
 
 
-@torch.no_grad()
-def answer_accuracy(model, processor, records: list[dict[str, Any]], batch_size: int = 64) -> float:
-    """Exact-match accuracy of the greedy answers (up to the end of the turn) to `records`' questions."""
-    from ..data import DigitsCollator
-    from ..tokenization import EOT_TOKEN
-
-    collator = DigitsCollator(processor, padding_side="left", include_answer=False)
-    eot = processor.tokenizer.convert_tokens_to_ids(EOT_TOKEN)
-    device = next(model.parameters()).device
-    model.eval()
-    correct = 0
-    for start in range(0, len(records), batch_size):
-        chunk = records[start : start + batch_size]
-        batch = {key: value.to(device) for key, value in collator(chunk).items()}
-        generated = model.generate(**batch, max_new_tokens=4, do_sample=False, eos_token_id=eot, pad_token_id=eot)
-        for record, row in zip(chunk, generated[:, batch["input_ids"].shape[1] :].tolist()):
-            row = row[: row.index(eot)] if eot in row else row
-            correct += processor.tokenizer.decode(row).strip() == record["answer"]
-    return correct / len(records)
-
-
 def _training_arguments(output_dir: Path, steps: int, lr: float, batch: int, seed: int):
     from ..training import Llama4XTrainingArguments
 
@@ -136,15 +120,13 @@ def run_lora_digits_benchmark(
     from peft import PeftModel
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    from ..data import digits_vqa
     from ..training import DataArguments, LoraArguments, ModelArguments, train
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     train_records, test_records = digits_vqa(image_size=TILE)
-    parity_train = [{**r, "question": PARITY_QUESTION, "answer": parity(r["answer"])} for r in train_records]
-    parity_test = [{**r, "question": PARITY_QUESTION, "answer": parity(r["answer"])} for r in test_records]
+    parity_train, parity_test = parity_records(train_records), parity_records(test_records)
 
     # 1. Pretraining on digit answers (skipped when `out/pretrain` holds a finished run and `reuse_pretrained`).
     pretrain_dir = out / "pretrain"
