@@ -224,3 +224,20 @@ def test_image_text_jsonl_lora_run_on_a_multimodal_model(tmp_path):
     assert json.loads((out / "train_results.json").read_text())["data_kind"] == "image_text"
     assert (out / "adapter_model.safetensors").is_file() and (out / "processor_config.json").is_file()
     assert {"eval_lm_loss", "eval_accuracy"} <= set(metrics)
+
+
+def test_image_text_data_with_missing_or_unreadable_images_is_refused_naming_the_file(tmp_path):
+    from llama4x.benchmarks.lora_digits import build_pretrain_folder, write_image_text_jsonl
+    from llama4x.data import digits_vqa
+
+    model = build_pretrain_folder(tmp_path / "mm")
+    data = write_image_text_jsonl(digits_vqa()[1][:6], tmp_path / "data", "digits")
+    rows = [json.loads(line) for line in data.read_text().splitlines()]
+    missing = data.parent / rows[2]["image"]
+    missing.unlink()
+    with pytest.raises(ValueError, match=rf"1 image file\(s\) do not exist: row 2: .*{missing.name}"):
+        main(train_args(model, data, tmp_path / "out", steps=1, eval_fraction=0, block_size=64))
+    missing.write_bytes(b"not an image at all")
+    with pytest.raises(ValueError, match=rf"Cannot read .*{missing.name} as an image"):
+        main(train_args(model, data, tmp_path / "out", steps=2, eval_fraction=0, block_size=64,
+                        per_device_train_batch_size=6))  # fmt: skip

@@ -48,7 +48,7 @@ from transformers import HfArgumentParser, PreTrainedTokenizerBase, Trainer, Tra
 from transformers.utils import logging
 
 from .checkpoints import last_complete_checkpoint, verify_trainer_checkpoint
-from .data import IGNORE_INDEX, pack_token_ids, python_docs_texts
+from .data import IGNORE_INDEX, open_image, pack_token_ids, python_docs_texts
 from .monitoring import RoutingStatsCallback, find_text_model
 from .tokenization import CHAT_TEMPLATE
 
@@ -301,23 +301,30 @@ def _chat_dataset(rows, tokenizer: PreTrainedTokenizerBase, data_args: DataArgum
 
 
 class ImageTextRecords(torch.utils.data.Dataset):
-    """Image-text rows as `{"image": PIL image, "question": ..., "answer": ...}` records, images opened on access."""
+    """Image-text rows as `{"image": PIL image, "question": ..., "answer": ...}` records, images decoded on access.
+    Every image path is checked when the data is built, so a missing file stops the run before training starts."""
 
-    def __init__(self, rows, data_args: DataArguments, root: Path):
-        self.rows, self.data_args, self.root = rows, data_args, root
+    def __init__(self, rows, data_args: DataArguments, root: Path, max_pixels: int):
+        self.rows, self.data_args, self.root, self.max_pixels = rows, data_args, root, max_pixels
+        missing = [
+            f"row {index}: {path}"
+            for index, image in enumerate(rows[data_args.image_column])
+            if isinstance(image, str) and not (path := self._path(image)).is_file()
+        ]
+        if missing:
+            raise ValueError(f"{len(missing)} image file(s) do not exist: {', '.join(missing[:5])}.")
+
+    def _path(self, image: str) -> Path:
+        return Path(image) if Path(image).is_absolute() else self.root / image
 
     def __len__(self) -> int:
         return len(self.rows)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        from PIL import Image
-
         row, args = self.rows[index], self.data_args
         image = row[args.image_column]
         if isinstance(image, str):
-            path = Path(image) if Path(image).is_absolute() else self.root / image
-            with Image.open(path) as opened:
-                image = opened.convert("RGB")
+            image = open_image(self._path(image), self.max_pixels)
         return {"image": image, "question": row[args.prompt_column], "answer": row[args.answer_column]}
 
 
@@ -375,8 +382,10 @@ def build_data(kind: str, train, evaluation, root, processing, data_args: DataAr
                 f"--dataset {data_args.dataset}: image-text data needs a multimodal model with a processor."
             )
         if kind == "image_text":
-            train = ImageTextRecords(train, data_args, root)
-            evaluation = ImageTextRecords(evaluation, data_args, root) if evaluation is not None else None
+            max_pixels = processing.image_processor.max_image_pixels
+            train = ImageTextRecords(train, data_args, root, max_pixels)
+            if evaluation is not None:
+                evaluation = ImageTextRecords(evaluation, data_args, root, max_pixels)
         return TrainData(kind, train, evaluation, DigitsCollator(processing))
     tokenizer = processing
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
