@@ -9,12 +9,15 @@ import textwrap
 import numpy as np
 import pytest
 import torch
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
 from PIL import Image
 from tokenizers import Tokenizer, models
 from transformers import AutoProcessor, Llama4Processor, PreTrainedTokenizerFast
 
 from llama4x import Llama4XImageProcessor, Llama4XProcessor
 from llama4x.data import python_docs_texts
+from llama4x.processing_llama4x import num_tiles
 from llama4x.tokenization import BOS_TOKEN, CHAT_TEMPLATE, EOS_TOKEN, PAD_TOKEN, train_tokenizer
 
 TILE, PATCH, SHUFFLE = 28, 7, 0.5
@@ -131,6 +134,8 @@ def test_text_only_and_images_only_calls(processor, tokenizer):
         (["<|image|>", "x"], [[], [image(5, 5)]], r"Text 0 has 1 <\|image\|> placeholder\(s\) but 0 image\(s\)"),
         (["<|image|>", "x"], [[image(5, 5)], [image(5, 5)]], r"Text 1 has 0 .* but 1 image\(s\)"),
         (["a", 3], None, "must be a str or a list of str"),
+        ([], None, r"`text` is an empty list"),
+        ([], [image(5, 5)], r"`text` is an empty list"),
         ("<|image|>", ["not an image"], "got str"),
     ],
 )
@@ -294,3 +299,110 @@ def test_decode_and_batch_decode_delegate_to_the_tokenizer(processor, tokenizer)
     assert processor.batch_decode(ids, skip_special_tokens=True) == [" seven", "x"]
     assert processor.decode(ids[0]) == tokenizer.decode(ids[0])
     assert processor.model_input_names == ["input_ids", "attention_mask", "pixel_values"]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Properties of the placeholder expansion (hypothesis): any texts, image counts, image sizes, tile settings and
+# max_patches. The expected ids are built here from Llama 4's layout, independently of `image_token_string`.
+
+# (tile, patch_size, pixel_shuffle_ratio): 4, 4, 16 and 1 `<|patch|>` tokens per tile.
+TILE_SETTINGS = [(28, 7, 0.5), (28, 14, 1.0), (32, 4, 0.5), (16, 8, 0.5)]
+IMAGE_TOKENS = ("<|image|>", "<|image_start|>", "<|image_end|>", P, X, Y)
+# Letters, digits, spaces, newlines, the characters of the special tokens' spelling, accents, CJK and an emoji.
+TEXT_ALPHABET = "abcXYZ 019\n\t.,:;!?<|>_-é中🙂"
+
+
+@pytest.fixture(scope="module")
+def processors_by_tile(tokenizer):
+    return {setting: make_processor(tokenizer, *setting) for setting in TILE_SETTINGS}
+
+
+def text_pieces(count: int):
+    """`count` + 1 pieces of text that never spell a special token (so the placeholders are the only image tokens)."""
+    piece = st.text(alphabet=TEXT_ALPHABET, max_size=12).filter(lambda s: "<|" not in s and "|>" not in s)
+    return st.lists(piece, min_size=count + 1, max_size=count + 1)
+
+
+@st.composite
+def samples(draw):
+    """One text: its pieces between placeholders and its images (height, width, colour)."""
+    count = draw(st.integers(0, 4))
+    sizes = st.tuples(st.integers(1, 200), st.integers(1, 200), st.integers(0, 255))
+    return draw(text_pieces(count)), draw(st.lists(sizes, min_size=count, max_size=count))
+
+
+def expected_image_ids(token_id, grid, per_tile: int) -> list[int]:
+    """Llama 4's layout: per row, tiles joined by x separators then a y separator (multi-tile only), then the
+    `<|image|>` marker and the thumbnail (or single tile), inside `<|image_start|>` ... `<|image_end|>`."""
+    rows, cols = grid
+    patches = [token_id(P)] * per_tile
+    ids = [token_id("<|image_start|>")]
+    if rows * cols > 1:
+        for _ in range(rows):
+            for col in range(cols):
+                ids += patches + ([token_id(X)] if col < cols - 1 else [token_id(Y)])
+    return ids + [token_id("<|image|>")] + patches + [token_id("<|image_end|>")]
+
+
+def image_spans(ids: list[int], start_id: int, end_id: int) -> list[tuple[int, int]]:
+    """(start, end) index pairs, end inclusive, of each `<|image_start|>` ... `<|image_end|>` run."""
+    starts = [i for i, t in enumerate(ids) if t == start_id]
+    ends = [i for i, t in enumerate(ids) if t == end_id]
+    assert len(starts) == len(ends), f"{len(starts)} <|image_start|> but {len(ends)} <|image_end|>"
+    return list(zip(starts, ends))
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    batch=st.lists(samples(), min_size=1, max_size=2),
+    tile_setting=st.sampled_from(TILE_SETTINGS),
+    max_patches=st.integers(1, 6),
+    nested=st.booleans(),
+)
+def test_expansion_properties_for_any_texts_images_and_tilings(
+    processors_by_tile, tokenizer, batch, tile_setting, max_patches, nested
+):
+    processor = processors_by_tile[tile_setting]
+    token_id = tokenizer.convert_tokens_to_ids
+    texts = ["<|image|>".join(pieces) for pieces, _ in batch]
+    per_text = [[image(h, w, (c, 255 - c, c // 2)) for h, w, c in sizes] for _, sizes in batch]
+    flat = [im for sample in per_text for im in sample]
+    out = processor(text=texts, images=per_text if nested else flat, max_patches=max_patches)
+
+    grids = processor.image_processor(flat, max_patches=max_patches)["aspect_ratios"].tolist() if flat else []
+    per_tile = model_tokens_per_tile(*tile_setting)
+    assert len(out["input_ids"]) == len(texts)
+    assert out.get("pixel_values", np.zeros((0,))).shape[0] == sum(num_tiles(grid) for grid in grids)
+    grid_iter = iter(grids)
+    for ids, (pieces, sizes) in zip(out["input_ids"], batch):
+        spans = image_spans(ids, token_id("<|image_start|>"), token_id("<|image_end|>"))
+        assert len(spans) == len(sizes), f"{len(spans)} image runs for {len(sizes)} images"
+        sample_grids = [next(grid_iter) for _ in sizes]
+        assert ids.count(token_id(P)) == sum(num_tiles(g) for g in sample_grids) * per_tile
+        for (start, end), grid in zip(spans, sample_grids):
+            assert ids[start : end + 1] == expected_image_ids(token_id, grid, per_tile), f"layout of grid {grid}"
+        # The text around the placeholders: tokenized piece by piece, and decoded back exactly.
+        outside = [ids[:1]] + [
+            ids[(spans[i - 1][1] + 1 if i else 1) : (spans[i][0] if i < len(spans) else len(ids))]
+            for i in range(len(spans) + 1)
+        ]
+        assert outside[0] == [tokenizer.bos_token_id]
+        assert outside[1:] == [tokenizer.encode(piece, add_special_tokens=False) for piece in pieces]
+        remaining = [t for part in outside[1:] for t in part]
+        assert not set(remaining) & {token_id(t) for t in IMAGE_TOKENS}
+        assert tokenizer.decode(remaining) == "".join(pieces)
+
+
+@settings(max_examples=50, deadline=None)
+@given(placeholders=st.integers(0, 4), images=st.integers(0, 4), pieces=text_pieces(4), nested=st.booleans())
+def test_placeholder_and_image_count_mismatch_names_both_counts(processor, placeholders, images, pieces, nested):
+    assume(placeholders != images)
+    text = "<|image|>".join(pieces[: placeholders + 1])
+    given_images = [image(5 + i, 7, (i, i, i)) for i in range(images)]
+    if nested:  # one list per text: the message names the text
+        expected = rf"Text 0 has {placeholders} <\|image\|> placeholder\(s\) but {images} image\(s\)"
+        given_images = [given_images]
+    else:
+        expected = rf"text has {placeholders} <\|image\|> placeholder\(s\) but {images} image"
+    with pytest.raises(ValueError, match=expected):
+        processor(text=[text], images=given_images)

@@ -1,7 +1,7 @@
 """The `llama4x` command.
 
     llama4x demo [--out DIR] [--quick] [--minutes N] [--seed S]   # the main job, on bundled data
-    llama4x generate --model DIR --prompt TEXT [--max-new-tokens N] [--temperature T]
+    llama4x generate --model DIR --prompt TEXT [--max-new-tokens N] [--temperature T]   # text or multimodal DIR
     llama4x bench balance [--steps N] [--out DIR] [--seed S] [--quick]   # balancing benchmark, see BENCHMARKS.md
     llama4x train [--model DIR | --preset NAME] [--dataset D] [--lora ...] [TrainingArguments ...]   # Trainer
     llama4x distill --teacher DIR --out DIR [--student-kind llama4x|llama] [--layers N] [--loss L] [--offline] ...
@@ -14,9 +14,60 @@ Subcommands are thin wrappers: the work lives in library functions (`llama4x.dem
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
+# numpy's `seed` (reached through transformers' `set_seed`) accepts 0..2**32 - 1 only.
+MAX_SEED = 2**32 - 1
+# A folder written by `save_pretrained` plus the tokenizer's (or processor's) `save_pretrained`.
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+
+
+def _finite_float(text: str) -> float:
+    """argparse type: a finite float (`float` also parses `nan` and `inf`, which no option accepts)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid float value: {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
+
+
+def _seed(text: str) -> int:
+    """argparse type: a random seed, an int in 0..MAX_SEED (what numpy accepts)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+    if not 0 <= value <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a seed: expected an int in 0..{MAX_SEED}")
+    return value
+
+
+def _check_model_folder(option: str, folder: Path) -> None:
+    """Raise a `ValueError` naming `option` unless `folder` holds a saved config and a saved tokenizer."""
+    if not folder.is_dir():
+        raise ValueError(f"{option} {str(folder)!r} is not a directory (expected a save_pretrained folder)")
+    if not (folder / "config.json").is_file():
+        raise ValueError(f"{option} {str(folder)!r} has no config.json (expected a save_pretrained folder)")
+    if not any((folder / name).is_file() for name in _TOKENIZER_FILES):
+        raise ValueError(
+            f"{option} {str(folder)!r} has no tokenizer ({' or '.join(_TOKENIZER_FILES)}): save the tokenizer or "
+            f"processor into the model folder"
+        )
+
+
+def _one_line(exc: BaseException) -> str:
+    """`exc`'s message on one line (some library errors span several lines), or "(no message)"."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return " ".join(lines) if lines else "(no message)"
 
 
 def _version() -> str:
@@ -36,26 +87,45 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load_generation_model(model_dir: Path) -> tuple[PreTrainedModel, list[int]]:
+    """The model saved in `model_dir` and the token ids it must not generate from a text prompt.
+
+    A multimodal llama4x folder (`Llama4XConfig`) loads as `Llama4XForConditionalGeneration` through
+    AutoModelForImageTextToText (AutoModelForCausalLM maps only the text config); its image placeholder is
+    suppressed, since no image backs a generated one. Any other folder loads with AutoModelForCausalLM.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
+
+    from .configuration_llama4x import Llama4XConfig
+
+    config = AutoConfig.from_pretrained(model_dir)
+    if isinstance(config, Llama4XConfig):
+        return AutoModelForImageTextToText.from_pretrained(model_dir), [config.image_token_id]
+    return AutoModelForCausalLM.from_pretrained(model_dir), []
+
+
 def _cmd_generate(args: argparse.Namespace) -> int:
-    model_dir = Path(args.model)
-    if not model_dir.is_dir():
-        raise ValueError(f"--model {str(model_dir)!r} is not a directory (expected a save_pretrained folder)")
     if args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens {args.max_new_tokens} must be >= 1")
     if args.temperature < 0:
         raise ValueError(f"--temperature {args.temperature} must be >= 0 (0 = greedy)")
+    model_dir = Path(args.model)
+    _check_model_folder("--model", model_dir)
 
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
+    from transformers import AutoTokenizer, set_seed
 
     import llama4x  # noqa: F401  (registers the llama4x model types with the Auto classes)
 
     set_seed(args.seed)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir).to(device).eval()
+    model, suppressed = _load_generation_model(model_dir)
+    model = model.to(device).eval()
     inputs = tokenizer(args.prompt, return_tensors="pt").to(device)
     sampling = {"do_sample": True, "temperature": args.temperature} if args.temperature > 0 else {"do_sample": False}
+    if suppressed:
+        sampling["suppress_tokens"] = suppressed
     with torch.no_grad():
         output = model.generate(**inputs, max_new_tokens=args.max_new_tokens, **sampling)
     print(tokenizer.decode(output[0], skip_special_tokens=True))
@@ -87,19 +157,19 @@ def add_bench_balance_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help=f"training steps per variant (default: {DEFAULT_STEPS}, or {QUICK_STEPS} with --quick)",
     )
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    parser.add_argument("--seed", type=_seed, default=0, help="random seed (default: %(default)s)")
     parser.add_argument(
         "--quick", action="store_true", help=f"a smoke-sized run: {QUICK_STEPS} steps and a small held-out set"
     )
     parser.add_argument(
         "--aux-loss-coef",
-        type=float,
+        type=_finite_float,
         default=0.01,
         help="router_aux_loss_coef of variants (b), (d) (default: %(default)s)",
     )
     parser.add_argument(
         "--bias-update-rate",
-        type=float,
+        type=_finite_float,
         default=0.001,
         help="router_bias_update_rate of variants (c), (d) (default: %(default)s)",
     )
@@ -114,6 +184,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 def _cmd_distill(args: argparse.Namespace) -> int:
     from .distillation import run_distill_command
+
+    # Checked here, before any work: the library would report a missing folder as an invalid Hub repo id.
+    _check_model_folder("--teacher", Path(args.teacher))
+    if not 0 <= args.seed <= MAX_SEED:
+        raise ValueError(f"--seed {args.seed} is not a seed: expected an int in 0..{MAX_SEED}")
 
     run_distill_command(args)
     return 0
@@ -169,12 +244,12 @@ def make_parser() -> argparse.ArgumentParser:
     demo.add_argument("--quick", action="store_true", help="a smoke-sized run (about 2 minutes, lower targets)")
     demo.add_argument(
         "--minutes",
-        type=float,
+        type=_finite_float,
         default=None,
         help="fit the training steps to about N minutes on this machine (measured); default: fixed steps, about 10 "
         "minutes on 2 CPU cores",
     )
-    demo.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    demo.add_argument("--seed", type=_seed, default=0, help="random seed (default: %(default)s)")
     demo.add_argument(
         "--fusion", default="patch", choices=("patch", "encoder"), help="vision front-end (default: %(default)s)"
     )
@@ -187,11 +262,16 @@ def make_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=_cmd_demo)
 
     gen = sub.add_parser("generate", parents=[debug], help="generate text from a saved model folder")
-    gen.add_argument("--model", required=True, help="folder written by save_pretrained (e.g. by `llama4x demo`)")
+    gen.add_argument(
+        "--model",
+        required=True,
+        help="folder written by save_pretrained, with its tokenizer: a text or a multimodal llama4x model (e.g. from "
+        "`llama4x demo`)",
+    )
     gen.add_argument("--prompt", required=True, help="text to continue")
     gen.add_argument("--max-new-tokens", type=int, default=50, help="default: %(default)s")
-    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default), > 0 samples")
-    gen.add_argument("--seed", type=int, default=0, help="random seed for sampling (default: %(default)s)")
+    gen.add_argument("--temperature", type=_finite_float, default=0.0, help="0 = greedy (default), > 0 samples")
+    gen.add_argument("--seed", type=_seed, default=0, help="random seed for sampling (default: %(default)s)")
     gen.set_defaults(func=_cmd_generate)
 
     bench = sub.add_parser("bench", parents=[debug], help="run a benchmark (see BENCHMARKS.md)")
@@ -241,8 +321,8 @@ def make_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the `llama4x` command with `argv` (default: `sys.argv[1:]`); return the exit status.
 
-    Usage errors exit with status 2 (argparse). An exception inside a subcommand prints `llama4x: error: ...` on
-    stderr and returns 1, or re-raises with `--debug`.
+    Usage errors exit with status 2 (argparse). An exception inside a subcommand prints `llama4x COMMAND: error:
+    ...` on one line of stderr and returns 1, or re-raises with `--debug`.
     """
     parser = make_parser()
     args, extra = parser.parse_known_args(argv)
@@ -258,7 +338,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:
         if args.debug:
             raise
-        print(f"llama4x {args.command}: error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        print(f"llama4x {args.command}: error: {type(exc).__name__}: {_one_line(exc)}", file=sys.stderr)
         print("(run with --debug for the full traceback)", file=sys.stderr)
         return 1
 

@@ -617,6 +617,8 @@ class Llama4XProcessor(ProcessorMixin):
         texts = [text] if isinstance(text, str) else list(text)
         if not all(isinstance(sample, str) for sample in texts):
             raise ValueError(f"`text` must be a str or a list of str, got {_describe(text)}.")
+        if not texts:  # the tokenizer fails on an empty batch with an IndexError
+            raise ValueError("`text` is an empty list: expected a str or a non-empty list of str.")
         counts = [sample.count(self.fake_image_token) for sample in texts]
 
         data: dict[str, Any] = {}
