@@ -241,3 +241,8 @@ def test_image_text_data_with_missing_or_unreadable_images_is_refused_naming_the
     with pytest.raises(ValueError, match=rf"Cannot read .*{missing.name} as an image"):
         main(train_args(model, data, tmp_path / "out", steps=2, eval_fraction=0, block_size=64,
                         per_device_train_batch_size=6))  # fmt: skip
+
+
+def test_out_of_range_seed_is_named_before_any_work(tmp_path):
+    with pytest.raises(ValueError, match=r"--seed -1 is out of range"):
+        main(train_args(tmp_path / "no-model", tmp_path / "no-data.txt", tmp_path / "out", seed=-1))

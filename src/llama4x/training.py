@@ -683,6 +683,8 @@ def train(
             f"Launched as {launched} processes, but the Trainer sees no data-parallel group (each process would train "
             "alone on all the data). On a machine without GPUs pass --use_cpu, so the processes reduce over gloo."
         )
+    if not 0 <= training_args.seed < 2**32:
+        raise ValueError(f"--seed {training_args.seed} is out of range: expected 0 <= seed < 2**32.")
     set_seed(training_args.seed)
     output_dir = Path(training_args.output_dir)
     kind, train_rows, eval_rows, root = load_raw_data(data_args, training_args.seed)
