@@ -57,3 +57,32 @@ def test_generate_rejects_bad_numbers(tmp_path, capsys):
     assert "--max-new-tokens 0" in capsys.readouterr().err
     assert main(["generate", "--model", str(tmp_path), "--prompt", "x", "--temperature", "-1"]) == 1
     assert "--temperature -1" in capsys.readouterr().err
+
+
+TINY_SHAPES = ["--hidden-size", "32", "--num-hidden-layers", "2", "--num-attention-heads", "2",
+               "--num-key-value-heads", "1", "--moe-intermediate-size", "32", "--num-local-experts", "4",
+               "--vocab-size", "64", "--attention-chunk-size", "16"]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "argv, rows",
+    [
+        (["moe-layer", "--hidden", "32", "--expert-size", "16", "--experts", "4", "--tokens", "64"],
+         ["forward_s", "forward_backward_s"]),
+        (["train", *TINY_SHAPES, "--batch", "2", "--seq", "32"], ["step_s", "tokens_per_s"]),
+        (["decode", *TINY_SHAPES, "--batch", "1", "2", "--prompt", "8", "--new-tokens", "4"],
+         ["batch_1/tokens_per_s", "batch_2/tokens_per_s"]),
+        (["long-context", *TINY_SHAPES, "--lengths", "64", "128"], ["64/prefill_s", "128/prefill_s"]),
+        (["lora", *TINY_SHAPES, "--batch", "2", "--seq", "32", "--rank", "2"], ["step_s", "vs_frozen_base"]),
+    ],
+    ids=["moe-layer", "train", "decode", "long-context", "lora"],
+)  # fmt: skip
+def test_speed_benchmarks_print_ratios_and_write_json(argv, rows, tmp_path, capsys):
+    import json
+
+    assert main(["bench", *argv, "--repeats", "1", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    for row in rows:
+        assert any(line.startswith(f"{row}: ") and "(1.00x)" in line for line in out.splitlines()), (row, out)
+    written = json.loads((tmp_path / f"bench_{argv[0]}_cpu.json").read_text())
+    assert written["environment"]["torch"] and written["results"]

@@ -1,6 +1,7 @@
-"""`accelerate launch` of scripts/train.py with two CPU processes (DDP over gloo) against one process with the same
-global batch: same losses, same weights, identical loss-free balancing bias on every process. The model has more
-experts than a process sees tokens per step, so experts without tokens are certain (DDP must not hang on them)."""
+"""`accelerate launch` of scripts/train.py with two CPU processes (DDP, and FSDP2 full-shard, over gloo) against one
+process with the same global batch: same losses, same weights, identical loss-free balancing bias on every process.
+The model has more experts than a process sees tokens per step, so experts without tokens are certain (gradient
+reduction must not hang on them)."""
 
 import json
 import socket
@@ -16,6 +17,7 @@ from test_training import save_tiny_checkpoint, train_args, write_text
 
 ROOT = Path(__file__).resolve().parents[1]
 ACCELERATE_CONFIG = Path(__file__).with_name("accelerate_cpu_ddp.yaml")
+FSDP_CONFIG = Path(__file__).with_name("accelerate_cpu_fsdp2.yaml")
 STEPS, PER_PROCESS_BATCH, BLOCK = 4, 2, 8
 EXPERTS = 32  # > PER_PROCESS_BATCH * BLOCK tokens per process and step, top-1: at least 16 experts idle per layer
 
@@ -26,9 +28,12 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def run(command: list[str], timeout: int = 180) -> None:
+def run(command: list[str], timeout: int = 180) -> str:
+    """Run `command` in the repository root; its stdout. A hang (e.g. a collective waiting on a process whose
+    experts got no tokens) fails at `timeout`."""
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, f"{' '.join(command)}\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
+    return result.stdout
 
 
 def step_losses(out: Path) -> dict[int, float]:
@@ -71,3 +76,64 @@ def test_two_process_ddp_matches_single_process_with_the_same_global_batch(tmp_p
     if not lora:
         bias = "model.layers.0.feed_forward.e_score_correction_bias"
         assert final_single[bias].abs().max() > 0 and torch.equal(final_single[bias], final_ddp[bias])
+
+
+# Wraps scripts/train.py and reports after training whether the Trainer really sharded the model: accelerate drops FSDP
+# for CPU processes and trains with DDP instead unless llama4x.training.enable_cpu_fsdp puts it back.
+FSDP_PROBE = """
+import os, sys
+from torch.distributed.tensor import DTensor
+from llama4x import training
+
+class Probe(training.Llama4XTrainer):
+    def train(self, *args, **kwargs):
+        output = super().train(*args, **kwargs)
+        params = list(self.model.parameters())
+        sharded = sum(isinstance(p, DTensor) for p in params)
+        print(f"probe rank={os.environ['RANK']} fsdp2={self.accelerator.is_fsdp2} sharded={sharded}/{len(params)}")
+        return output
+
+training.Llama4XTrainer = Probe
+training.main(sys.argv[1:])
+"""
+
+
+def test_two_process_fsdp2_matches_single_process_with_the_same_global_batch(tmp_path):
+    model = save_tiny_checkpoint(
+        tmp_path / "model",
+        num_local_experts=EXPERTS,
+        num_experts_per_tok=1,
+        router_bias_update_rate=0.01,
+        router_z_loss_coef=1e-3,
+    )
+    data = write_text(tmp_path / "docs.txt")
+    probe = tmp_path / "train_probe.py"
+    probe.write_text(FSDP_PROBE)
+    extra = {"use_cpu": "true", "eval_fraction": 0, "block_size": BLOCK}
+    single, fsdp = tmp_path / "single", tmp_path / "fsdp"
+    single_args = train_args(model, data, single, STEPS, **extra, per_device_train_batch_size=2 * PER_PROCESS_BATCH)
+    fsdp_args = train_args(model, data, fsdp, STEPS, **extra, per_device_train_batch_size=PER_PROCESS_BATCH)
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(FSDP_CONFIG)]
+    stdout = run([*launch, "--main_process_port", str(free_port()), str(probe), *fsdp_args], timeout=120)
+    run([sys.executable, "scripts/train.py", *single_args])
+
+    probes = sorted(line for line in stdout.splitlines() if line.startswith("probe "))
+    assert len(probes) == 2, stdout[-3000:]
+    for line in probes:  # every parameter of every process is a DTensor shard, not a DDP replica
+        sharded, total = line.rsplit("sharded=", 1)[1].split("/")
+        assert "fsdp2=True" in line and sharded == total, f"FSDP was not applied (DDP instead?): {line}"
+
+    expected, got = step_losses(single), step_losses(fsdp)
+    assert sorted(got) == list(range(1, STEPS + 1))
+    for step in expected:
+        assert got[step] == pytest.approx(expected[step], rel=1e-5, abs=1e-6), f"step {step}: {got} vs {expected}"
+    results = json.loads((fsdp / "train_results.json").read_text())["metrics"]
+    assert results["moe/balancing_bias_process_spread"] == 0.0, "processes ended with different balancing biases"
+
+    final_single, final_fsdp = load_file(single / "model.safetensors"), load_file(fsdp / "model.safetensors")
+    assert final_single.keys() == final_fsdp.keys()  # the full state dict, gathered from the shards
+    for name, value in final_single.items():
+        diff = (final_fsdp[name] - value).abs().max().item()
+        assert diff < 1e-4, f"{name}: FSDP vs single process differ by {diff}"
+    bias = "model.layers.0.feed_forward.e_score_correction_bias"
+    assert final_single[bias].abs().max() > 0 and torch.equal(final_single[bias], final_fsdp[bias])

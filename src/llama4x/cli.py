@@ -3,6 +3,8 @@
     llama4x demo [--out DIR] [--quick] [--minutes N] [--seed S]   # the main job, on bundled data
     llama4x generate --model DIR --prompt TEXT [--max-new-tokens N] [--temperature T]   # text or multimodal DIR
     llama4x bench balance [--steps N] [--out DIR] [--seed S] [--quick]   # balancing benchmark, see BENCHMARKS.md
+    llama4x bench moe-layer|train|decode|long-context|lora [--device D] [sizes ...]   # speed vs Llama 4 and dense
+    llama4x bench speed [--device D] [--only SECTION ...]      # the whole speed suite (BENCHMARKS.md)
     llama4x train [--model DIR | --preset NAME] [--dataset D] [--lora ...] [TrainingArguments ...]   # Trainer
     llama4x distill --teacher DIR --out DIR [--student-kind llama4x|llama] [--layers N] [--loss L] [--offline] ...
     llama4x version                                            # or: llama4x --version
@@ -285,6 +287,9 @@ def make_parser() -> argparse.ArgumentParser:
     )
     add_bench_balance_arguments(balance)
     balance.set_defaults(func=_cmd_bench_balance)
+    from .benchmarks.speed_cli import add_speed_commands
+
+    add_speed_commands(bench_sub, parents=[debug])
 
     # Its options (ours plus every TrainingArguments field) belong to `llama4x.training`'s HfArgumentParser, which
     # receives everything after `train`; `llama4x train --help` lists them. Use `llama4x --debug train ...`.

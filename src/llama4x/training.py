@@ -526,6 +526,36 @@ def compute_metrics(eval_prediction) -> dict[str, float]:
     }
 
 
+def enable_cpu_fsdp(accelerator, args: TrainingArguments) -> bool:
+    """Make a run of CPU processes that `accelerate launch` started with an FSDP config shard with FSDP2.
+
+    accelerate keeps FSDP only on accelerator devices: for CPU processes (`--use_cpu`, gloo) its state says
+    `MULTI_CPU`, drops the FSDP plugin and the run silently trains with DDP. torch's FSDP2 (`fully_shard`) works on
+    CPU over gloo, so this puts the plugin back the way accelerate does on GPUs. FSDP1 is refused: accelerate hands it
+    the device `cpu:0`, which it rejects, and its full-state-dict save (`offload_to_cpu`) crashes on CPU parameters.
+    Returns whether FSDP was enabled.
+    """
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    state = accelerator.state
+    wanted = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" or args.fsdp_plugin_args is not None
+    if state.distributed_type != DistributedType.MULTI_CPU or not wanted:
+        return False
+    plugin = FullyShardedDataParallelPlugin(**(args.fsdp_plugin_args or {}))
+    if plugin.fsdp_version != 2:
+        raise ValueError(
+            "FSDP on CPU processes needs FSDP2 (`fsdp_version: 2` in the accelerate config): FSDP1 rejects "
+            "accelerate's CPU device and crashes saving the full state dict of CPU parameters."
+        )
+    if accelerator.mixed_precision != "no":
+        plugin.set_mixed_precision(accelerator.mixed_precision)
+    state.fsdp_plugin = plugin
+    state.distributed_type = DistributedType.FSDP
+    PartialState._shared_state["distributed_type"] = DistributedType.FSDP  # as AcceleratorState does on GPUs
+    return True
+
+
 class Llama4XTrainer(Trainer):
     """`Trainer` that logs the LM loss and the balancing losses separately and weights the balancing losses as
     per-batch means under gradient accumulation and data parallelism.
@@ -552,6 +582,11 @@ class Llama4XTrainer(Trainer):
             verify_trainer_checkpoint(resume_from_checkpoint)
         checkpoint = None if resume_from_checkpoint is None else str(resume_from_checkpoint)
         return super().train(checkpoint, *args, **kwargs)
+
+    def create_accelerator_and_postprocess(self) -> None:
+        super().create_accelerator_and_postprocess()
+        if enable_cpu_fsdp(self.accelerator, self.args):
+            self.is_fsdp_enabled = True
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         training = model.training

@@ -6,7 +6,8 @@ very same weights through `llama4x.conversion`), times them interleaved, and rep
 - `moe_layer`: one MoE block, forward and forward+backward, against a dense SwiGLU as wide as the active experts;
 - `train`: whole-model forward+backward tokens/s;
 - `decode`: `generate` tokens/s after a prompt, batch 1 and 8;
-- `long_context`: prefill time and peak memory over sequence lengths (only the last position's logits).
+- `long_context`: prefill time and peak memory over sequence lengths (only the last position's logits);
+- `lora_train`: llama4x training step with PEFT LoRA on the routed experts / attention vs full fine-tuning.
 
 On CUDA the timings use CUDA events and peak memory is `torch.cuda.max_memory_allocated` above the weights.
 """
@@ -275,6 +276,43 @@ def bench_long_context(
     return results
 
 
+def bench_lora_train(
+    shapes: Shapes, batch: int, seq: int, dtype: torch.dtype, device: torch.device, repeats: int = 5, rank: int = 8
+) -> dict:
+    """llama4x training step (fwd+bwd) with PEFT LoRA on the routed experts, on attention, on both, against the frozen
+    base (every weight frozen, gradients still flowing back to the embeddings: the floor of any adapter step) and
+    full fine-tuning; seconds per step and ratios to the frozen base."""
+    from peft import get_peft_model
+
+    from ..lora import lora_config
+
+    variants = {
+        "frozen_base": (),
+        "lora_routed_experts": ("routed_experts",),
+        "lora_attention": ("attention",),
+        "lora_attention_and_experts": ("attention", "routed_experts"),
+        "full_finetune": None,
+    }
+    models = {}
+    for name, parts in variants.items():
+        (model,) = build_models(shapes, dtype, device, which=("llama4x",)).values()
+        if parts == ():
+            model.requires_grad_(False)
+            model.enable_input_require_grads()
+        elif parts is not None:
+            model = get_peft_model(model, lora_config(model, parts, r=rank))
+        models[name] = model
+    input_ids = torch.randint(0, shapes.vocab_size, (batch, seq), device=device)
+
+    def step(model):
+        model.train()
+        model(input_ids=input_ids, labels=input_ids).loss.backward()
+        model.zero_grad(set_to_none=True)
+
+    seconds = Timer(device, repeats).run_interleaved({n: (lambda m=m: step(m)) for n, m in models.items()}, "lora")
+    return {"step_s": seconds, "vs_frozen_base": ratios(seconds, "frozen_base"), "rank": rank}
+
+
 def environment(device: torch.device) -> dict:
     """What the numbers were measured on."""
     info = {
@@ -332,6 +370,7 @@ def run_suite(out: str | Path, device: str = "cpu", quick: bool = False, only: l
         "decode_bs1": lambda: bench_decode(shapes, 1, prompt, new_tokens, dtype, device),
         "decode_bs8": lambda: bench_decode(shapes, 8, prompt, new_tokens, dtype, device),
         "long_context": lambda: bench_long_context(shapes, lengths[:1] if quick else lengths, dtype, device),
+        "lora_train": lambda: bench_lora_train(shapes, batch, seq, dtype, device, repeats=3 if quick else 5),
     }
     if cuda:
         sections["compiled_decode_bs1"] = lambda: bench_compiled_decode(shapes, 1, prompt, new_tokens, dtype, device)

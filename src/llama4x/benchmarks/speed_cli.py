@@ -1,0 +1,160 @@
+"""`llama4x bench moe-layer | train | decode | long-context | lora | speed`: the speed benchmarks of
+`llama4x.benchmarks.speed` from the command line. Each prints its medians beside the ratios to its baseline and
+writes `--out/bench_<name>_<device>.json`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+from . import speed
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
+    return value
+
+
+def _add_shape_options(parser: argparse.ArgumentParser) -> None:
+    """One `--field` per `speed.Shapes` field (default: the issue's CPU config)."""
+    for item in fields(speed.Shapes):
+        parser.add_argument(f"--{item.name.replace('_', '-')}", type=_positive_int, default=item.default)
+
+
+def _shapes(args: argparse.Namespace) -> speed.Shapes:
+    return speed.Shapes(**{item.name: getattr(args, item.name) for item in fields(speed.Shapes)})
+
+
+def _device_and_dtype(args: argparse.Namespace):
+    import torch
+
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is available.")
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[
+        args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
+    ]
+    return device, dtype
+
+
+def _moe_layer(args, device, dtype) -> dict:
+    return speed.bench_moe_layer(
+        args.hidden, args.expert_size, args.experts, args.top_k, args.tokens, dtype, device, args.repeats
+    )
+
+
+def _train(args, device, dtype) -> dict:
+    return speed.bench_train(_shapes(args), args.batch, args.seq, dtype, device, args.repeats)
+
+
+def _decode(args, device, dtype) -> dict:
+    shapes = _shapes(args)
+    return {
+        f"batch_{b}": speed.bench_decode(shapes, b, args.prompt, args.new_tokens, dtype, device, args.repeats)
+        for b in args.batch
+    }
+
+
+def _long_context(args, device, dtype) -> dict:
+    return speed.bench_long_context(_shapes(args), args.lengths, dtype, device, args.repeats)
+
+
+def _lora(args, device, dtype) -> dict:
+    return speed.bench_lora_train(_shapes(args), args.batch, args.seq, dtype, device, args.repeats, args.rank)
+
+
+COMMANDS = {
+    "moe-layer": (_moe_layer, "one MoE block fwd and fwd+bwd vs transformers' Llama4TextMoe vs a dense SwiGLU"),
+    "train": (_train, "whole-model training step vs transformers' Llama 4 vs the dense-equal-active Llama"),
+    "decode": (_decode, "greedy generate tokens/s at the given batch sizes"),
+    "long-context": (_long_context, "prefill time and peak memory over sequence lengths"),
+    "lora": (_lora, "training step with PEFT LoRA on routed experts / attention vs the frozen base"),
+}
+
+
+def add_speed_commands(subparsers, parents: list[argparse.ArgumentParser]) -> None:
+    """Add the speed benchmarks to `llama4x bench`'s subparsers."""
+    for name, (_, help_text) in COMMANDS.items():
+        parser = subparsers.add_parser(name, parents=parents, help=help_text, description=help_text)
+        parser.add_argument("--device", default="cpu", help="cpu or cuda (default: %(default)s)")
+        parser.add_argument("--dtype", choices=("float32", "bfloat16"), help="default: float32 on CPU, bf16 on CUDA")
+        parser.add_argument("--repeats", type=_positive_int, default=5, help="timed repeats; the median is reported")
+        parser.add_argument("--out", default="benchmarks/results", help="folder for the JSON (default: %(default)s)")
+        if name == "moe-layer":
+            parser.add_argument("--hidden", type=_positive_int, default=512)
+            parser.add_argument("--expert-size", type=_positive_int, default=1024)
+            parser.add_argument("--experts", type=_positive_int, default=16)
+            parser.add_argument("--top-k", type=_positive_int, default=1)
+            parser.add_argument("--tokens", type=_positive_int, default=2048)
+        else:
+            _add_shape_options(parser)
+        if name in ("train", "lora"):
+            parser.add_argument("--batch", type=_positive_int, default=4)
+            parser.add_argument("--seq", type=_positive_int, default=512)
+        if name == "lora":
+            parser.add_argument("--rank", type=_positive_int, default=8)
+        if name == "decode":
+            parser.add_argument("--batch", type=_positive_int, nargs="+", default=[1, 8])
+            parser.add_argument("--prompt", type=_positive_int, default=64)
+            parser.add_argument("--new-tokens", type=_positive_int, default=128)
+        if name == "long-context":
+            parser.add_argument("--lengths", type=_positive_int, nargs="+", default=[4096, 8192, 16384])
+        parser.set_defaults(func=run_speed_command, speed_command=name)
+
+    suite = subparsers.add_parser(
+        "speed", parents=parents, help="the whole performance suite (every benchmark above, issue configs)"
+    )
+    suite.add_argument("--device", default="cpu", help="cpu or cuda (default: %(default)s)")
+    suite.add_argument("--out", default="benchmarks/results", help="folder for speed_<device>.json")
+    suite.add_argument("--quick", action="store_true", help="fewer repeats and lengths")
+    suite.add_argument("--only", nargs="*", help="run only these sections (e.g. train decode_bs1)")
+    suite.set_defaults(func=run_speed_suite)
+
+
+def run_speed_command(args: argparse.Namespace) -> int:
+    device, dtype = _device_and_dtype(args)
+    run, _ = COMMANDS[args.speed_command]
+    results = {"environment": speed.environment(device), "dtype": str(dtype), "arguments": _arguments(args)}
+    results["results"] = run(args, device, dtype)
+    path = speed.save_results(results, Path(args.out) / f"bench_{args.speed_command}_{device.type}.json")
+    print_table(results["results"])
+    print(f"wrote {path}")
+    return 0
+
+
+def run_speed_suite(args: argparse.Namespace) -> int:
+    results = speed.run_suite(args.out, device=args.device, quick=args.quick, only=args.only)
+    print_table({key: value for key, value in results.items() if key not in ("environment", "shapes", "dtype")})
+    return 0
+
+
+def _arguments(args: argparse.Namespace) -> dict[str, Any]:
+    return {key: value for key, value in vars(args).items() if key not in ("func", "debug")}
+
+
+def print_table(results: dict, prefix: str = "") -> None:
+    """One line per measured quantity: each model's value, then its ratio to the baseline (dense Llama / frozen
+    base) when the row has one."""
+    for key, value in results.items():
+        label = f"{prefix}{key}"
+        if isinstance(value, dict) and value and all(isinstance(v, (int, float)) or v is None for v in value.values()):
+            baseline = next((b for b in ("dense_llama", "frozen_base") if value.get(b)), None)
+            cells = []
+            for name, number in value.items():
+                if number is None:
+                    continue
+                ratio = f" ({number / value[baseline]:.2f}x)" if baseline else ""
+                cells.append(f"{name} {number:.4g}{ratio}")
+            print(f"{label}: " + ", ".join(cells))
+        elif isinstance(value, dict):
+            print_table(value, prefix=f"{label}/")
+        else:
+            print(f"{label}: {json.dumps(value, default=str)}")
