@@ -54,8 +54,16 @@ def test_saving_over_a_previous_save_loads_the_new_weights(tmp_path, first, seco
 
 
 BIG_CONFIG = dict(  # ~8M parameters in ~30 shards of 1 MB: a save long enough to be killed in the middle
-    vocab_size=2048, hidden_size=128, intermediate_size=256, intermediate_size_mlp=256, num_hidden_layers=4,
-    num_attention_heads=4, num_key_value_heads=2, head_dim=32, num_local_experts=16, num_experts_per_tok=1,
+    vocab_size=2048,
+    hidden_size=128,
+    intermediate_size=256,
+    intermediate_size_mlp=256,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=32,
+    num_local_experts=16,
+    num_experts_per_tok=1,
 )
 SAVE = """
 import sys, time, torch

@@ -1,9 +1,6 @@
 """Model-level behaviour: checkpoints, Auto classes, remote code, loss, gradient checkpointing, variants."""
 
 import json
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
@@ -11,7 +8,7 @@ import torch.nn.functional as F
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 import llama4x
-from tiny import random_ids, tiny_model
+from tiny import random_ids, run_without_llama4x, tiny_model
 
 
 def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -73,16 +70,8 @@ def test_saved_folder_loads_with_trust_remote_code_without_llama4x(tmp_path):
     with torch.no_grad():
         expected = model(input_ids=input_ids).logits
     torch.save({"input_ids": input_ids, "expected": expected}, tmp_path / "expected.pt")
-    script = textwrap.dedent(
+    stdout = run_without_llama4x(
         f"""
-        import sys, importlib.abc
-
-        class BlockLlama4x(importlib.abc.MetaPathFinder):
-            def find_spec(self, name, path, target=None):
-                if name == "llama4x" or name.startswith("llama4x."):
-                    raise ImportError("llama4x is not installed here")
-
-        sys.meta_path.insert(0, BlockLlama4x())
         import torch
         from transformers import AutoModelForCausalLM
         model = AutoModelForCausalLM.from_pretrained({str(tmp_path)!r}, trust_remote_code=True).eval()
@@ -95,9 +84,7 @@ def test_saved_folder_loads_with_trust_remote_code_without_llama4x(tmp_path):
         print("REMOTE-OK", type(model).__module__)
         """
     )
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "REMOTE-OK transformers_modules" in result.stdout
+    assert "REMOTE-OK transformers_modules" in stdout
 
 
 def test_auto_config_and_auto_model_from_config_build_llama4x():

@@ -2,9 +2,6 @@
 
 import json
 import re
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
@@ -13,7 +10,15 @@ from transformers import AutoModel, AutoModelForImageTextToText
 
 from llama4x import Llama4XConfig, Llama4XForConditionalGeneration, Llama4XModel
 from llama4x.tokenization import SPECIAL_TOKENS
-from tiny import BOI_ID, EOI_ID, FIRST_TEXT_ID, IMAGE_ID, tiny_multimodal_config, tiny_multimodal_model
+from tiny import (
+    BOI_ID,
+    EOI_ID,
+    FIRST_TEXT_ID,
+    IMAGE_ID,
+    run_without_llama4x,
+    tiny_multimodal_config,
+    tiny_multimodal_model,
+)
 
 VOCAB = 97  # tiny_text_config's vocab_size
 SUPPRESS = [BOI_ID, EOI_ID, IMAGE_ID]  # generated image placeholders would have no image behind them
@@ -280,16 +285,8 @@ def test_saved_folder_loads_with_trust_remote_code_without_llama4x(tmp_path):
     with torch.no_grad():
         expected = model(input_ids=input_ids, pixel_values=pixel_values).logits
     torch.save({"input_ids": input_ids, "pixel_values": pixel_values, "expected": expected}, tmp_path / "data.pt")
-    script = textwrap.dedent(
+    stdout = run_without_llama4x(
         f"""
-        import sys, importlib.abc
-
-        class BlockLlama4x(importlib.abc.MetaPathFinder):
-            def find_spec(self, name, path, target=None):
-                if name == "llama4x" or name.startswith("llama4x."):
-                    raise ImportError("llama4x is not installed here")
-
-        sys.meta_path.insert(0, BlockLlama4x())
         import torch
         from transformers import AutoModelForImageTextToText
         model = AutoModelForImageTextToText.from_pretrained({str(tmp_path)!r}, trust_remote_code=True).eval()
@@ -301,9 +298,7 @@ def test_saved_folder_loads_with_trust_remote_code_without_llama4x(tmp_path):
         print("REMOTE-OK", type(model).__module__)
         """
     )
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "REMOTE-OK transformers_modules" in result.stdout
+    assert "REMOTE-OK transformers_modules" in stdout
 
 
 def test_base_model_prefix_names_the_base_model_and_layers_stay_whole():

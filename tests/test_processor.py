@@ -2,9 +2,6 @@
 placeholder/image mismatches, chat template, tokenizer.json compatibility, save/load."""
 
 import json
-import subprocess
-import sys
-import textwrap
 
 import numpy as np
 import pytest
@@ -19,6 +16,7 @@ from llama4x import Llama4XImageProcessor, Llama4XProcessor
 from llama4x.data import python_docs_texts
 from llama4x.processing_llama4x import num_tiles
 from llama4x.tokenization import BOS_TOKEN, CHAT_TEMPLATE, EOS_TOKEN, PAD_TOKEN, train_tokenizer
+from tiny import run_without_llama4x
 
 TILE, PATCH, SHUFFLE = 28, 7, 0.5
 TOKENS_PER_TILE = 4  # (28 // 7) ** 2 * 0.5 ** 2
@@ -272,26 +270,17 @@ def test_saved_folder_loads_with_trust_remote_code_without_llama4x(processor, tm
     assert (tmp_path / "processing_llama4x.py").exists() and (tmp_path / "tokenization.py").exists()
     kwargs = {"text": "a <|image|>", "images": [image(100, 50)]}
     expected = processor(**kwargs)["input_ids"]
-    script = textwrap.dedent(
+    run_without_llama4x(
         f"""
-        import sys, importlib.abc
-
-        class BlockLlama4x(importlib.abc.MetaPathFinder):
-            def find_spec(self, name, path, target=None):
-                if name == "llama4x" or name.startswith("llama4x."):
-                    raise ImportError("llama4x is not installed here")
-
-        sys.meta_path.insert(0, BlockLlama4x())
         from PIL import Image
         from transformers import AutoProcessor
         processor = AutoProcessor.from_pretrained({str(tmp_path)!r}, trust_remote_code=True)
         ids = processor(text="a <|image|>", images=[Image.new("RGB", (50, 100), (30, 60, 90))])["input_ids"]
         assert "llama4x" not in sys.modules
         assert ids == {expected!r}, ids
-        """
+        """,
+        cwd=tmp_path,
     )
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
 
 
 def test_decode_and_batch_decode_delegate_to_the_tokenizer(processor, tokenizer):

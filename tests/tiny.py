@@ -1,4 +1,9 @@
-"""The one helper that builds tiny random llama4x configs and models for every test file."""
+"""The one helper that builds tiny random llama4x configs and models for every test file, and runs code on a
+machine where llama4x is not installed."""
+
+import subprocess
+import sys
+import textwrap
 
 import torch
 
@@ -106,3 +111,24 @@ def randomize_to_unit_scale(module: torch.nn.Module, seed: int) -> None:
                 param.copy_(0.2 * noise)
             else:  # class and position embeddings
                 param.copy_(noise)
+
+
+_BLOCK_LLAMA4X = """
+import sys, importlib.abc
+
+class BlockLlama4x(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name == "llama4x" or name.startswith("llama4x."):
+            raise ImportError("llama4x is not installed here")
+
+sys.meta_path.insert(0, BlockLlama4x())
+"""
+
+
+def run_without_llama4x(code: str, cwd=None) -> str:
+    """Run `code` in a fresh Python where `import llama4x` fails (a user without the package); assert it exits 0
+    and imported no llama4x module; return its stdout."""
+    script = _BLOCK_LLAMA4X + textwrap.dedent(code) + '\nassert "llama4x" not in sys.modules\n'
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=cwd)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
