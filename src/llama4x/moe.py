@@ -173,10 +173,20 @@ class Llama4XMoE(nn.Module):
     def _run_experts(self, x_TH: torch.Tensor, routing: Routing) -> torch.Tensor:
         weight_TK = routing.topk_weight.to(x_TH.dtype)
         if not self.config.router_weight_on_input:
-            return self.experts(x_TH, routing.topk_index, weight_TK)
+            return self._call_experts(x_TH, routing.topk_index, weight_TK)
         # Llama 4 scales the expert input: each (token, expert) pair becomes its own row with weight 1.
         T, K = routing.topk_index.shape
         pairs_SH = (x_TH if K == 1 else x_TH.repeat_interleave(K, dim=0)) * weight_TK.reshape(-1, 1)
         ones_S1 = weight_TK.new_ones(()).expand(T * K, 1)
-        out_SH = self.experts(pairs_SH, routing.topk_index.reshape(-1, 1), ones_S1)
+        out_SH = self._call_experts(pairs_SH, routing.topk_index.reshape(-1, 1), ones_S1)
         return out_SH if K == 1 else out_SH.view(T, K, -1).sum(dim=1)
+
+    def _call_experts(self, x_TH: torch.Tensor, index_TK: torch.Tensor, weight_TK: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.experts, Llama4XExperts):
+            return self.experts(x_TH, index_TK, weight_TK)
+        from .lora_experts import lora_experts_forward, peft_expert_adapters  # wrapped by PEFT (LoRA)
+
+        unwrapped = peft_expert_adapters(self.experts)
+        if unwrapped is None:
+            return self.experts(x_TH, index_TK, weight_TK)
+        return lora_experts_forward(*unwrapped, x_TH, index_TK, weight_TK)
