@@ -109,12 +109,15 @@ def test_merged_disabled_or_several_adapters_use_pefts_own_forward():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_grouped_mm_equals_a_loop_over_experts_including_empty_groups(dtype):
+@pytest.mark.parametrize("sizes", [(6, 3), (16, 8)], ids=["loop", "grouped"])  # rows of 16 bytes or not
+def test_grouped_mm_equals_a_loop_over_experts_including_empty_groups(dtype, sizes):
     generator = torch.Generator().manual_seed(0)
-    x = torch.randn(10, 6, generator=generator).to(dtype)
-    w = torch.randn(4, 6, 3, generator=generator).to(dtype)
+    x = torch.randn(10, sizes[0], generator=generator).to(dtype).requires_grad_(True)
+    w = torch.randn(4, *sizes, generator=generator).to(dtype).requires_grad_(True)
     offsets = torch.tensor([3, 3, 9, 10], dtype=torch.int32)  # expert 1 gets no rows
     expected = torch.cat([x[0:3] @ w[0], x[3:9] @ w[2], x[9:10] @ w[3]])
+    (grouped_mm(x, w, offsets) * torch.randn(10, sizes[1]).to(dtype)).sum().backward()  # backward: same operands
+    assert x.grad is not None and w.grad[1].abs().sum() == 0
     torch.testing.assert_close(
         grouped_mm(x, w, offsets),
         expected,

@@ -67,8 +67,8 @@ def _low_rank(wrapper: nn.Module, weight_EOI: torch.Tensor) -> ExpertLowRank | N
     rank = wrapper.r[name]
     if lora_A.weight.shape != (rank * E, in_features) or lora_B.weight.shape != (out_features, rank * E):
         return None
-    down_EIR = lora_A.weight.reshape(E, rank, in_features).transpose(1, 2)
-    up_ERO = lora_B.weight.reshape(out_features, rank, E).permute(2, 1, 0)
+    down_EIR = lora_A.weight.reshape(E, rank, in_features).transpose(1, 2).contiguous()
+    up_ERO = lora_B.weight.reshape(out_features, rank, E).permute(2, 1, 0).contiguous()
     return ExpertLowRank(down_EIR, up_ERO, wrapper.scaling[name])
 
 
@@ -103,15 +103,12 @@ def _project(
 
 
 def grouped_mm(x_SI: torch.Tensor, weight_EIO: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
-    """Rows `offsets[e-1]:offsets[e]` of `x` times `weight[e]`: torch's grouped GEMM where it takes these operands,
-    else a loop over the experts."""
+    """Rows `offsets[e-1]:offsets[e]` of `x` times `weight[e]`: torch's grouped GEMM where its operands qualify
+    (every row length a multiple of 16 bytes, forward and backward), else a loop over the experts."""
     x_SI = x_SI.to(weight_EIO.dtype)
     grouped = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
-    if grouped is not None:
-        try:
-            return grouped(x_SI, weight_EIO, offs=offsets_E)
-        except RuntimeError:  # unsupported dtype / alignment on this device
-            pass
+    if grouped is not None and all(size * x_SI.element_size() % 16 == 0 for size in weight_EIO.shape[1:]):
+        return grouped(x_SI, weight_EIO, offs=offsets_E)
     out_SO = x_SI.new_empty(x_SI.shape[0], weight_EIO.shape[-1])
     starts = [0, *offsets_E.tolist()]
     for expert, (start, end) in enumerate(zip(starts[:-1], starts[1:])):
