@@ -44,6 +44,35 @@ def experts_agreement() -> dict:
     return {impl: max_rel_diff(value, logits["eager"]) for impl, value in logits.items()}
 
 
+def activation_lora_vs_peft(dtype: torch.dtype, device: str = "cuda") -> dict:
+    """Routed-expert LoRA: llama4x's grouped activation path vs PEFT's own ParamWrapper forward, outputs and grads."""
+    from llama4x.lora_experts import lora_experts_forward, peft_expert_adapters
+    from test_lora import lora_model
+    from test_lora_experts import first_moe, routed_inputs
+
+    peft_model = lora_model(("routed_experts",)).to(device, dtype)
+    moe = first_moe(peft_model)
+    x, index, weight = (t.to(device) for t in routed_inputs(moe, tokens=256))
+    x = x.detach().to(dtype).requires_grad_(True)
+    results = {}
+    for name, run in {
+        "llama4x": lambda: lora_experts_forward(*peft_expert_adapters(moe.experts), x, index, weight.to(dtype)),
+        "peft": lambda: moe.experts(x, index, weight.to(dtype)),
+    }.items():
+        out = run()
+        out.float().square().sum().backward()
+        grads = [p.grad.clone() for n, p in peft_model.named_parameters() if "lora_" in n and p.grad is not None]
+        results[name] = (out.detach(), grads, x.grad.clone())
+        peft_model.zero_grad(set_to_none=True)
+        x.grad = None
+    ours, peft = results["llama4x"], results["peft"]
+    return {
+        "output_max_rel": max_rel_diff(ours[0], peft[0]),
+        "input_grad_max_rel": max_rel_diff(ours[2], peft[2]),
+        "adapter_grads_max_rel": max(max_rel_diff(a, b) for a, b in zip(ours[1], peft[1])),
+    }
+
+
 def cache_equals_recompute() -> bool:
     model = tiny_model().cuda()
     ids = random_ids(2, 30).cuda()
@@ -107,6 +136,8 @@ def main(argv=None) -> int:
         "experts_bf16_max_rel_vs_eager": experts_agreement(),
         "cache_equals_recompute": cache_equals_recompute(),
         "blockwise_sdpa_vs_eager_4k_fp32_max_rel": blockwise_vs_eager(),
+        "activation_lora_vs_peft_fp32": activation_lora_vs_peft(torch.float32),
+        "activation_lora_vs_peft_bf16": activation_lora_vs_peft(torch.bfloat16),
     }
     print(json.dumps(checks, indent=2), flush=True)
     checks["compiled_decode"] = compiled_decode()
