@@ -73,9 +73,10 @@ TINY_SHAPES = ["--hidden-size", "32", "--num-hidden-layers", "2", "--num-attenti
         (["decode", *TINY_SHAPES, "--batch", "1", "2", "--prompt", "8", "--new-tokens", "4"],
          ["batch_1/tokens_per_s", "batch_2/tokens_per_s"]),
         (["long-context", *TINY_SHAPES, "--lengths", "64", "128"], ["64/prefill_s", "128/prefill_s"]),
+        (["kv-cache", *TINY_SHAPES, "--lengths", "64"], []),
         (["lora", *TINY_SHAPES, "--batch", "2", "--seq", "32", "--rank", "2"], ["step_s", "vs_frozen_base"]),
     ],
-    ids=["moe-layer", "train", "decode", "long-context", "lora"],
+    ids=["moe-layer", "train", "decode", "long-context", "kv-cache", "lora"],
 )  # fmt: skip
 def test_speed_benchmarks_print_ratios_and_write_json(argv, rows, tmp_path, capsys):
     import json
@@ -86,3 +87,18 @@ def test_speed_benchmarks_print_ratios_and_write_json(argv, rows, tmp_path, caps
         assert any(line.startswith(f"{row}: ") and "(1.00x)" in line for line in out.splitlines()), (row, out)
     written = json.loads((tmp_path / f"bench_{argv[0]}_cpu.json").read_text())
     assert written["environment"]["torch"] and written["results"]
+
+
+def test_kv_cache_of_chunked_layers_is_bounded_by_the_chunk(tmp_path):
+    import json
+
+    argv = ["bench", "kv-cache", *TINY_SHAPES, "--lengths", "64", "256", "--out", str(tmp_path)]
+    assert main(argv) == 0
+    results = json.loads((tmp_path / "bench_kv-cache_cpu.json").read_text())["results"]
+    short, long = results["64"], results["256"]
+    for name in ("llama4x", "transformers_llama4"):  # 2 layers: chunked (chunk 16) + global (NoPE every 4th: none)
+        chunked = {
+            length: r[name]["per_layer_kind_mib"].get("DynamicSlidingWindowLayer") for length, r in results.items()
+        }
+        assert chunked["64"] == chunked["256"] > 0, f"{name}: chunked layers grew with the sequence"
+    assert long["dense_llama"]["total_mib"] == 4 * short["dense_llama"]["total_mib"]

@@ -7,6 +7,7 @@ very same weights through `llama4x.conversion`), times them interleaved, and rep
 - `train`: whole-model forward+backward tokens/s;
 - `decode`: `generate` tokens/s after a prompt, batch 1 and 8;
 - `long_context`: prefill time and peak memory over sequence lengths (only the last position's logits);
+- `kv_cache`: KV-cache bytes after a prefill, per layer kind (chunked layers bounded by the chunk);
 - `lora_train`: llama4x training step with PEFT LoRA on the routed experts / attention vs full fine-tuning.
 
 On CUDA the timings use CUDA events and peak memory is `torch.cuda.max_memory_allocated` above the weights.
@@ -276,6 +277,26 @@ def bench_long_context(
     return results
 
 
+def bench_kv_cache(shapes: Shapes, lengths: list[int], dtype: torch.dtype, device: torch.device) -> dict:
+    """KV-cache size after a prefill of each length (MiB), in all and per layer kind: chunked layers keep at most one
+    chunk of keys and values, global (NoPE) layers and the dense model's layers keep every position."""
+    models = build_models(shapes, dtype, device)
+    results = {}
+    for length in tqdm(lengths, desc="kv cache"):
+        input_ids = torch.randint(0, shapes.vocab_size, (1, length), device=device)
+        results[length] = {}
+        for name, model in models.items():
+            with torch.no_grad():
+                out = model(input_ids=input_ids, use_cache=True, logits_to_keep=1)
+            cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
+            per_kind: dict[str, float] = {}
+            for layer in cache.layers:
+                mib = (layer.keys.nbytes + layer.values.nbytes) / 2**20
+                per_kind[type(layer).__name__] = per_kind.get(type(layer).__name__, 0.0) + mib
+            results[length][name] = {"total_mib": sum(per_kind.values()), "per_layer_kind_mib": per_kind}
+    return results
+
+
 def bench_lora_train(
     shapes: Shapes, batch: int, seq: int, dtype: torch.dtype, device: torch.device, repeats: int = 5, rank: int = 8
 ) -> dict:
@@ -370,6 +391,7 @@ def run_suite(out: str | Path, device: str = "cpu", quick: bool = False, only: l
         "decode_bs1": lambda: bench_decode(shapes, 1, prompt, new_tokens, dtype, device),
         "decode_bs8": lambda: bench_decode(shapes, 8, prompt, new_tokens, dtype, device),
         "long_context": lambda: bench_long_context(shapes, lengths[:1] if quick else lengths, dtype, device),
+        "kv_cache": lambda: bench_kv_cache(shapes, lengths[:1] if quick else lengths[:2], dtype, device),
         "lora_train": lambda: bench_lora_train(shapes, batch, seq, dtype, device, repeats=3 if quick else 5),
     }
     if cuda:

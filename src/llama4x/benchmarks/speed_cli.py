@@ -1,4 +1,4 @@
-"""`llama4x bench moe-layer | train | decode | long-context | lora | speed`: the speed benchmarks of
+"""`llama4x bench moe-layer | train | decode | long-context | kv-cache | lora | speed`: the speed benchmarks of
 `llama4x.benchmarks.speed` from the command line. Each prints its medians beside the ratios to its baseline and
 writes `--out/bench_<name>_<device>.json`."""
 
@@ -67,6 +67,10 @@ def _long_context(args, device, dtype) -> dict:
     return speed.bench_long_context(_shapes(args), args.lengths, dtype, device, args.repeats)
 
 
+def _kv_cache(args, device, dtype) -> dict:
+    return speed.bench_kv_cache(_shapes(args), args.lengths, dtype, device)
+
+
 def _lora(args, device, dtype) -> dict:
     return speed.bench_lora_train(_shapes(args), args.batch, args.seq, dtype, device, args.repeats, args.rank)
 
@@ -76,6 +80,7 @@ COMMANDS = {
     "train": (_train, "whole-model training step vs transformers' Llama 4 vs the dense-equal-active Llama"),
     "decode": (_decode, "greedy generate tokens/s at the given batch sizes"),
     "long-context": (_long_context, "prefill time and peak memory over sequence lengths"),
+    "kv-cache": (_kv_cache, "KV-cache size after a prefill, per layer kind"),
     "lora": (_lora, "training step with PEFT LoRA on routed experts / attention vs the frozen base"),
 }
 
@@ -105,7 +110,7 @@ def add_speed_commands(subparsers, parents: list[argparse.ArgumentParser]) -> No
             parser.add_argument("--batch", type=_positive_int, nargs="+", default=[1, 8])
             parser.add_argument("--prompt", type=_positive_int, default=64)
             parser.add_argument("--new-tokens", type=_positive_int, default=128)
-        if name == "long-context":
+        if name in ("long-context", "kv-cache"):
             parser.add_argument("--lengths", type=_positive_int, nargs="+", default=[4096, 8192, 16384])
         parser.set_defaults(func=run_speed_command, speed_command=name)
 
