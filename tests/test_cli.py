@@ -102,3 +102,17 @@ def test_kv_cache_of_chunked_layers_is_bounded_by_the_chunk(tmp_path):
         }
         assert chunked["64"] == chunked["256"] > 0, f"{name}: chunked layers grew with the sequence"
     assert long["dense_llama"]["total_mib"] == 4 * short["dense_llama"]["total_mib"]
+
+
+def test_useful_flops_count_active_weights_and_attention_by_hand():
+    from llama4x.benchmarks.flops import active_matmul_params, attention_flops_per_token, moe_layer_flops
+    from tiny import tiny_model
+
+    model = tiny_model()  # hidden 32, 4 layers all MoE: 8 experts of 16, top-2, 1 shared; 4 heads x 8, 2 kv heads
+    H, E, inter, V = 32, 8, 16, 97
+    attention = H * 32 + 2 * H * 16 + 32 * H  # q, k, v, o
+    moe = H * E + 2 * (3 * H * inter) + 3 * H * inter  # router, top-2 routed, shared
+    assert active_matmul_params(model, top_k=2) == 4 * (attention + moe) + V * H  # + LM head
+    # chunk 8, NoPE every 2nd layer: 2 chunked layers (mean keys in a chunk of 8: 4.5), 2 global (mean (16+1)/2).
+    assert attention_flops_per_token(model.config, 16) == 2 * 4 * 32 * 4.5 + 2 * 4 * 32 * 8.5
+    assert moe_layer_flops(H, inter, E, 2, tokens=10) == 2 * 10 * (H * E + 3 * 3 * H * inter)

@@ -10,7 +10,9 @@ very same weights through `llama4x.conversion`), times them interleaved, and rep
 - `kv_cache`: KV-cache bytes after a prefill, per layer kind (chunked layers bounded by the chunk);
 - `lora_train`: llama4x training step with PEFT LoRA on the routed experts / attention vs full fine-tuning.
 
-On CUDA the timings use CUDA events and peak memory is `torch.cuda.max_memory_allocated` above the weights.
+On CUDA the timings use CUDA events and peak memory is `torch.cuda.max_memory_allocated` above the weights. The
+MoE-layer and training benchmarks also report the achieved TFLOP/s of the useful (active) work and the MFU against
+the device's measured matmul peak (`flops.py`).
 """
 
 import json
@@ -32,6 +34,7 @@ from ..configuration_llama4x import Llama4XTextConfig
 from ..conversion import state_dict_to_llama4, text_config_to_llama4, text_tensor_to_llama4
 from ..modeling_llama4x import Llama4XForCausalLM
 from ..moe import Llama4XMLP, Llama4XMoE
+from .flops import achieved, matmul_peak_tflops, moe_layer_flops, train_step_flops
 
 MODELS = ("llama4x", "transformers_llama4", "dense_llama")
 
@@ -185,7 +188,20 @@ def bench_moe_layer(
     fwd_bwd = timer.run_interleaved(
         {n: (lambda b=b: forward_backward(b)) for n, b in blocks.items()}, "moe_layer_fwd_bwd"
     )
-    return {"forward_s": fwd, "forward_backward_s": fwd_bwd}
+    routed = moe_layer_flops(hidden, expert_size, experts, top_k, tokens)
+    flops = {
+        "llama4x": routed,
+        "transformers_llama4": routed,
+        "dense_llama": 6 * tokens * hidden * (top_k + 1) * expert_size,
+    }
+    peak = matmul_peak_tflops(device, dtype)
+    return {
+        "forward_s": fwd,
+        "forward_backward_s": fwd_bwd,
+        "matmul_peak_tflops": peak,
+        "forward_achieved": achieved(flops, fwd, peak),
+        "forward_backward_achieved": achieved({n: 3 * f for n, f in flops.items()}, fwd_bwd, peak),
+    }
 
 
 def _moe_state_to_llama4(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -208,7 +224,17 @@ def bench_train(
 
     timer = Timer(device, repeats)
     seconds = timer.run_interleaved({n: (lambda m=m: step(m)) for n, m in models.items()}, "train")
-    return {"step_s": seconds, "tokens_per_s": {n: batch * seq / s for n, s in seconds.items()}}
+    ours, dense = models["llama4x"], models["dense_llama"]
+    moe_flops = train_step_flops(ours, ours.config, shapes.num_experts_per_tok, batch, seq)
+    flops = {"llama4x": moe_flops, "transformers_llama4": moe_flops}
+    flops["dense_llama"] = train_step_flops(dense, dense.config, 1, batch, seq)
+    peak = matmul_peak_tflops(device, dtype)
+    return {
+        "step_s": seconds,
+        "tokens_per_s": {n: batch * seq / s for n, s in seconds.items()},
+        "matmul_peak_tflops": peak,
+        **achieved(flops, seconds, peak),
+    }
 
 
 def bench_decode(
