@@ -116,3 +116,16 @@ def test_useful_flops_count_active_weights_and_attention_by_hand():
     # chunk 8, NoPE every 2nd layer: 2 chunked layers (mean keys in a chunk of 8: 4.5), 2 global (mean (16+1)/2).
     assert attention_flops_per_token(model.config, 16) == 2 * 4 * 32 * 4.5 + 2 * 4 * 32 * 8.5
     assert moe_layer_flops(H, inter, E, 2, tokens=10) == 2 * 10 * (H * E + 3 * 3 * H * inter)
+
+
+def test_cpu_peak_memory_sees_a_large_temporary_tensor():
+    import torch
+
+    from llama4x.benchmarks.speed import _peak_memory_gib
+
+    def make_and_drop():
+        buffer = torch.ones(64 * 2**20)  # 256 MiB, freed on return
+        return float(buffer[0])
+
+    peak = _peak_memory_gib(torch.device("cpu"), make_and_drop)
+    assert 0.2 < peak < 0.6, peak

@@ -16,8 +16,10 @@ the device's measured matmul peak (`flops.py`).
 """
 
 import json
+import os
 import platform
 import statistics
+import threading
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -111,15 +113,38 @@ class Timer:
 
 
 def _peak_memory_gib(device: torch.device, fn: Callable[[], object]) -> float | None:
-    """Peak allocated memory during `fn` above what was allocated before it (CUDA only)."""
-    if device.type != "cuda":
+    """Peak memory during `fn` above the memory in use before it: CUDA's allocator statistics, or on Linux CPUs the
+    process's resident set sampled every millisecond (large tensors are mapped and unmapped, so it tracks them)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - before) / 2**30
+    statm = Path("/proc/self/statm")
+    if not statm.exists():
         return None
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    before = torch.cuda.memory_allocated()
-    fn()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - before) / 2**30
+    page = os.sysconf("SC_PAGE_SIZE")
+
+    def resident() -> int:
+        return int(statm.read_text().split()[1]) * page
+
+    before, peak, done = resident(), [0], threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            peak[0] = max(peak[0], resident())
+            time.sleep(0.001)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        fn()
+    finally:
+        done.set()
+        sampler.join()
+    return (max(peak[0], resident()) - before) / 2**30
 
 
 def build_models(shapes: Shapes, dtype: torch.dtype, device: torch.device, which=MODELS) -> dict[str, torch.nn.Module]:
