@@ -24,6 +24,7 @@ WEIGHT_PATTERNS = (
 )
 PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
 TRAINER_STATE = "trainer_state.json"
+CHECKPOINT_FOLDER = re.compile(rf"{PREFIX_CHECKPOINT_DIR}-(\d+)")  # the Trainer's checkpoint-N
 
 
 def verify_safetensors_folder(folder: str | Path) -> None:
@@ -109,7 +110,7 @@ def trainer_checkpoint_problem(folder: str | Path) -> str | None:
         step = json.loads(state.read_text())["global_step"]
     except (ValueError, KeyError, TypeError) as error:
         return f"{TRAINER_STATE} is unreadable ({error!r})"
-    match = re.fullmatch(rf"{PREFIX_CHECKPOINT_DIR}-(\d+)", folder.name)
+    match = CHECKPOINT_FOLDER.fullmatch(folder.name)
     if match and int(match.group(1)) != step:
         return f"{TRAINER_STATE} records global_step {step}, not {match.group(1)}"
     try:
@@ -132,9 +133,10 @@ def last_complete_checkpoint(output_dir: str | Path) -> Path | None:
     output_dir = Path(output_dir)
     if not output_dir.is_dir():
         return None
-    pattern = re.compile(rf"{PREFIX_CHECKPOINT_DIR}-(\d+)")
     steps = {
-        int(m.group(1)): path for path in output_dir.iterdir() if path.is_dir() and (m := pattern.fullmatch(path.name))
+        int(m.group(1)): path
+        for path in output_dir.iterdir()
+        if path.is_dir() and (m := CHECKPOINT_FOLDER.fullmatch(path.name))
     }
     for step in sorted(steps, reverse=True):
         problem = trainer_checkpoint_problem(steps[step])

@@ -217,7 +217,9 @@ def bench_moe_layer(
     flops = {
         "llama4x": routed,
         "transformers_llama4": routed,
-        "dense_llama": 6 * tokens * hidden * (top_k + 1) * expert_size,
+        "dense_llama": moe_layer_flops(
+            hidden, expert_size, 0, top_k, tokens
+        ),  # as wide as the active experts, no router
     }
     peak = matmul_peak_tflops(device, dtype)
     return {
@@ -235,6 +237,13 @@ def _moe_state_to_llama4(state: dict[str, torch.Tensor]) -> dict[str, torch.Tens
     return {name.removeprefix(prefix): tensor for name, tensor in converted.items()}
 
 
+def _train_step(model: torch.nn.Module, input_ids: torch.Tensor) -> None:
+    """Forward + backward of the LM loss on `input_ids`, gradients dropped."""
+    model.train()
+    model(input_ids=input_ids, labels=input_ids).loss.backward()
+    model.zero_grad(set_to_none=True)
+
+
 def bench_train(
     shapes: Shapes, batch: int, seq: int, dtype: torch.dtype, device: torch.device, repeats: int = 5
 ) -> dict:
@@ -242,13 +251,8 @@ def bench_train(
     models = build_models(shapes, dtype, device)
     input_ids = torch.randint(0, shapes.vocab_size, (batch, seq), device=device)
 
-    def step(model):
-        model.train()
-        model(input_ids=input_ids, labels=input_ids).loss.backward()
-        model.zero_grad(set_to_none=True)
-
     timer = Timer(device, repeats)
-    seconds = timer.run_interleaved({n: (lambda m=m: step(m)) for n, m in models.items()}, "train")
+    seconds = timer.run_interleaved({n: (lambda m=m: _train_step(m, input_ids)) for n, m in models.items()}, "train")
     ours, dense = models["llama4x"], models["dense_llama"]
     moe_flops = train_step_flops(ours, ours.config, shapes.num_experts_per_tok, batch, seq)
     flops = {"llama4x": moe_flops, "transformers_llama4": moe_flops}
@@ -376,12 +380,8 @@ def bench_lora_train(
         models[name] = model
     input_ids = torch.randint(0, shapes.vocab_size, (batch, seq), device=device)
 
-    def step(model):
-        model.train()
-        model(input_ids=input_ids, labels=input_ids).loss.backward()
-        model.zero_grad(set_to_none=True)
-
-    seconds = Timer(device, repeats).run_interleaved({n: (lambda m=m: step(m)) for n, m in models.items()}, "lora")
+    fns = {n: (lambda m=m: _train_step(m, input_ids)) for n, m in models.items()}
+    seconds = Timer(device, repeats).run_interleaved(fns, "lora")
     return {"step_s": seconds, "vs_frozen_base": ratios(seconds, "frozen_base"), "rank": rank}
 
 
