@@ -2,7 +2,9 @@
 
 Every experts implementation (`eager`, `grouped_mm`, `batched_mm`) is selected through
 `config._experts_implementation`, which transformers' `use_experts_implementation` dispatches on; the block, its
-experts and the test share one config object, so switching it switches the implementation in place.
+experts and the test share one config object, so switching it switches the implementation in place. At these token
+counts `grouped_mm` runs `experts_cpu.cpu_expert_loop` on CPU; `grouped_mm:torch` lowers the loop's limit to 0 so
+that torch's grouped GEMM runs.
 """
 
 import itertools
@@ -10,10 +12,11 @@ import itertools
 import pytest
 import torch
 
+from llama4x import experts_cpu
 from llama4x.moe import Llama4XMoE, route
 from tiny import tiny_model, tiny_text_config
 
-IMPLEMENTATIONS = ["eager", "grouped_mm", "batched_mm"]
+IMPLEMENTATIONS = ["eager", "grouped_mm", "grouped_mm:torch", "batched_mm"]
 HIDDEN, EXPERTS, INTERMEDIATE = 32, 8, 16  # tiny_text_config's hidden_size, num_local_experts, moe_intermediate_size
 
 
@@ -24,6 +27,14 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def select_implementation(block: Llama4XMoE, implementation: str, monkeypatch) -> None:
+    name, _, kernel = implementation.partition(":")
+    if kernel == "torch":
+        monkeypatch.setattr(experts_cpu, "MAX_PAIRS", 0)
+    block.config._experts_implementation = name
+    assert block.experts.config._experts_implementation == name
 
 
 def make_block(seed: int = 0, **overrides) -> Llama4XMoE:
@@ -104,7 +115,7 @@ ROUTING_CASES = list(itertools.product([True, False], ["sigmoid", "softmax"], [F
     ids=[f"on_input={a}-{b}-norm={c}-scale={d}-k{e}" for a, b, c, d, e in ROUTING_CASES],
 )
 def test_moe_block_output_matches_float64_per_token_expert_loop(
-    implementation, weight_on_input, score_func, norm_topk, scaling, top_k
+    implementation, weight_on_input, score_func, norm_topk, scaling, top_k, monkeypatch
 ):
     block = make_block(
         router_weight_on_input=weight_on_input,
@@ -113,8 +124,7 @@ def test_moe_block_output_matches_float64_per_token_expert_loop(
         routed_scaling_factor=scaling,
         num_experts_per_tok=top_k,
     )
-    block.config._experts_implementation = implementation
-    assert block.experts.config._experts_implementation == implementation
+    select_implementation(block, implementation, monkeypatch)
     x = torch.randn(2, 7, HIDDEN, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         out, logits = block(x)[:2]  # (out, router_logits, ...)
@@ -127,7 +137,7 @@ def test_moe_block_output_matches_float64_per_token_expert_loop(
     assert logits.shape == (14, EXPERTS) and logit_diff < 1e-5, f"router logits max abs diff {logit_diff:.3e}"
 
 
-@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+@pytest.mark.parametrize("implementation", ["eager", "grouped_mm", "batched_mm"])
 def test_experts_implementations_switch_through_model_set_experts_implementation(implementation):
     model = tiny_model(seed=3)
     model.set_experts_implementation(implementation)
@@ -164,9 +174,9 @@ def make_two_expert_batch(block: Llama4XMoE, tokens: int = 24) -> torch.Tensor:
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 @pytest.mark.parametrize("weight_on_input", [True, False], ids=["weight_on_input", "weight_on_output"])
 @pytest.mark.parametrize("top_k", [1, 2])
-def test_moe_gradients_reach_router_and_used_experts_only(implementation, weight_on_input, top_k):
+def test_moe_gradients_reach_router_and_used_experts_only(implementation, weight_on_input, top_k, monkeypatch):
     block = make_block(router_weight_on_input=weight_on_input, num_experts_per_tok=top_k)
-    block.config._experts_implementation = implementation
+    select_implementation(block, implementation, monkeypatch)
     x = make_two_expert_batch(block)
     index, _ = reference_routing(x.reshape(-1, HIDDEN).double(), block.router.weight.detach().double(), block.config)
     counts = torch.bincount(index.flatten(), minlength=EXPERTS)
@@ -191,9 +201,11 @@ def test_moe_gradients_reach_router_and_used_experts_only(implementation, weight
 
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 @pytest.mark.parametrize("weight_on_input", [True, False], ids=["weight_on_input", "weight_on_output"])
-def test_moe_input_and_weight_gradients_match_float64_autograd_of_reference_loop(implementation, weight_on_input):
+def test_moe_input_and_weight_gradients_match_float64_autograd_of_reference_loop(
+    implementation, weight_on_input, monkeypatch
+):
     block = make_block(seed=5, num_experts_per_tok=2, router_weight_on_input=weight_on_input, norm_topk_prob=True)
-    block.config._experts_implementation = implementation
+    select_implementation(block, implementation, monkeypatch)
     x = torch.randn(2, 6, HIDDEN, generator=torch.Generator().manual_seed(4))
     probe = torch.randn(2, 6, HIDDEN, generator=torch.Generator().manual_seed(6))
 
