@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU work still open, as one short script for a lent GPU machine (about 8 minutes on an H200):
 # CUDA correctness (parity, experts kernels, cache, compiled decode, activation LoRA vs PEFT), pixel parity with
-# transformers' torchvision Llama4ImageProcessor, and the speed rows the performance issue tracks.
+# transformers' torchvision Llama4ImageProcessor, and the speed rows the performance issue tracks (the Scout MoE
+# layer with torch.profiler op tables of llama4x and the dense block: where the remaining 1.4x goes).
 #
 #   OUT=results bash scripts/gpu_checks.sh        # writes JSON and logs under $OUT
 set -uo pipefail
@@ -13,7 +14,7 @@ run() { echo "== $*"; timeout 240 "$@" 2>&1 | grep -v "it/s]" | tail -40; }
 run python scripts/cuda_checks.py --out "$OUT" > "$OUT/cuda_checks.log"
 run python scripts/processor_parity.py --out "$OUT" > "$OUT/processor_parity.log"
 run python -m llama4x.cli bench moe-layer --device cuda --hidden 5120 --expert-size 8192 --experts 16 --top-k 1 \
-    --tokens 8192 --out "$OUT" > "$OUT/moe_layer_scout.log"
+    --tokens 8192 --profile --out "$OUT" > "$OUT/moe_layer_scout.log"
 run python -m llama4x.cli bench lora --device cuda --hidden-size 2048 --num-hidden-layers 4 --num-attention-heads 16 \
     --num-key-value-heads 4 --moe-intermediate-size 4096 --attention-chunk-size 8192 --batch 2 --seq 4096 \
     --out "$OUT" > "$OUT/lora_4_layers.log"

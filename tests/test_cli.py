@@ -89,6 +89,14 @@ def test_speed_benchmarks_print_ratios_and_write_json(argv, rows, tmp_path, caps
     assert written["environment"]["torch"] and written["results"]
 
 
+def test_moe_layer_profile_writes_op_tables_of_llama4x_and_dense(tmp_path):
+    argv = ["bench", "moe-layer", "--hidden", "32", "--expert-size", "16", "--experts", "4", "--tokens", "64"]
+    assert main([*argv, "--repeats", "1", "--profile", "--out", str(tmp_path)]) == 0
+    text = (tmp_path / "profile_moe-layer_cpu.txt").read_text()
+    assert "== llama4x, forward+backward" in text and "== dense_llama, forward+backward" in text
+    assert text.count("aten::mm") >= 2  # each table lists the matmuls
+
+
 def test_kv_cache_of_chunked_layers_is_bounded_by_the_chunk(tmp_path):
     import json
 

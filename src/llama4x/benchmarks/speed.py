@@ -177,9 +177,10 @@ def _building_on(device: torch.device, dtype: torch.dtype):
 
 def bench_moe_layer(
     hidden: int, expert_size: int, experts: int, top_k: int, tokens: int, dtype: torch.dtype, device: torch.device,
-    repeats: int = 5,
+    repeats: int = 5, profile: bool = False,
 ) -> dict:  # fmt: skip
-    """One MoE block (routed top-k + one shared expert) vs Llama 4's block vs a dense SwiGLU of the active width."""
+    """One MoE block (routed top-k + one shared expert) vs Llama 4's block vs a dense SwiGLU of the active width.
+    With `profile`, also `"profile"`: llama4x's and the dense block's forward+backward op tables."""
     config = Llama4XTextConfig(
         hidden_size=hidden, moe_intermediate_size=expert_size, num_local_experts=experts, num_experts_per_tok=top_k,
         num_hidden_layers=1, num_attention_heads=1, num_key_value_heads=1, head_dim=2, vocab_size=8,
@@ -222,13 +223,33 @@ def bench_moe_layer(
         ),  # as wide as the active experts, no router
     }
     peak = matmul_peak_tflops(device, dtype)
-    return {
+    results = {
         "forward_s": fwd,
         "forward_backward_s": fwd_bwd,
         "matmul_peak_tflops": peak,
         "forward_achieved": achieved(flops, fwd, peak),
         "forward_backward_achieved": achieved({n: 3 * f for n, f in flops.items()}, fwd_bwd, peak),
     }
+    if profile:
+        results["profile"] = {
+            n: op_table(lambda b=blocks[n]: forward_backward(b), device) for n in ("llama4x", "dense_llama")
+        }
+    return results
+
+
+def op_table(fn: Callable[[], object], device: torch.device, rows: int = 30) -> str:
+    """torch.profiler's table of the ops of one call of `fn` (after a warm-up call), heaviest first by device
+    time on CUDA and CPU time otherwise."""
+    fn()
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as profiler:
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    sort_by = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    return profiler.key_averages().table(sort_by=sort_by, row_limit=rows)
 
 
 def _moe_state_to_llama4(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -46,9 +46,17 @@ def _device_and_dtype(args: argparse.Namespace):
 
 
 def _moe_layer(args, device, dtype) -> dict:
-    return speed.bench_moe_layer(
-        args.hidden, args.expert_size, args.experts, args.top_k, args.tokens, dtype, device, args.repeats
-    )
+    results = speed.bench_moe_layer(
+        args.hidden, args.expert_size, args.experts, args.top_k, args.tokens, dtype, device, args.repeats,
+        profile=args.profile,
+    )  # fmt: skip
+    tables = results.pop("profile", None)
+    if tables:
+        path = Path(args.out) / f"profile_moe-layer_{device.type}.txt"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(f"== {name}, forward+backward\n{table}\n" for name, table in tables.items()))
+        print(f"wrote {path}")
+    return results
 
 
 def _train(args, device, dtype) -> dict:
@@ -99,6 +107,7 @@ def add_speed_commands(subparsers, parents: list[argparse.ArgumentParser]) -> No
             parser.add_argument("--experts", type=_positive_int, default=16)
             parser.add_argument("--top-k", type=_positive_int, default=1)
             parser.add_argument("--tokens", type=_positive_int, default=2048)
+            parser.add_argument("--profile", action="store_true", help="also write torch.profiler op tables")
         else:
             _add_shape_options(parser)
         if name in ("train", "lora"):
