@@ -5,7 +5,7 @@ very same weights through `llama4x.conversion`), times them interleaved, and rep
 
 - `moe_layer`: one MoE block, forward and forward+backward, against a dense SwiGLU as wide as the active experts;
 - `train`: whole-model forward+backward tokens/s;
-- `decode`: `generate` tokens/s after a prompt, batch 1 and 8;
+- `decode`: `generate` tokens/s after a prompt, batch 1 and 8, and the weight bytes each model read per step;
 - `long_context`: prefill time and peak memory over sequence lengths (only the last position's logits);
 - `kv_cache`: KV-cache bytes after a prefill, per layer kind (chunked layers bounded by the chunk);
 - `lora_train`: llama4x training step with PEFT LoRA on the routed experts / attention vs full fine-tuning.
@@ -37,6 +37,7 @@ from ..conversion import state_dict_to_llama4, text_config_to_llama4, text_tenso
 from ..modeling_llama4x import Llama4XForCausalLM
 from ..moe import Llama4XMLP, Llama4XMoE
 from .flops import achieved, matmul_peak_tflops, moe_layer_flops, train_step_flops
+from .traffic import stream_bandwidth_gbps, weight_bytes_read
 
 MODELS = ("llama4x", "transformers_llama4", "dense_llama")
 
@@ -291,16 +292,24 @@ def bench_decode(
     shapes: Shapes, batch: int, prompt: int, new_tokens: int, dtype: torch.dtype, device: torch.device,
     repeats: int = 3,
 ) -> dict:  # fmt: skip
-    """Greedy `generate` of `new_tokens` after a `prompt`-token prompt: new tokens per second (whole batch)."""
+    """Greedy `generate` of `new_tokens` after a `prompt`-token prompt: new tokens per second (whole batch), and
+    the weight traffic: GiB of weights read per forward call (from the routing taken, `traffic.py`) and the rate
+    at which each model read them, beside the device's streaming bandwidth."""
     models = build_models(shapes, dtype, device)
     input_ids = torch.randint(0, shapes.vocab_size, (batch, prompt), device=device)
     kwargs = {"max_new_tokens": new_tokens, "min_new_tokens": new_tokens, "do_sample": False, "pad_token_id": 0}
+    runs = {n: (lambda m=m: m.generate(input_ids=input_ids, **kwargs)) for n, m in models.items()}
     timer = Timer(device, repeats)
     with torch.no_grad():
-        seconds = timer.run_interleaved(
-            {n: (lambda m=m: m.generate(input_ids=input_ids, **kwargs)) for n, m in models.items()}, "decode"
-        )
-    return {"generate_s": seconds, "tokens_per_s": {n: batch * new_tokens / s for n, s in seconds.items()}}
+        seconds = timer.run_interleaved(runs, "decode")
+        traffic = {n: weight_bytes_read(models[n], run) for n, run in runs.items()}  # greedy: the timed routing
+    return {
+        "generate_s": seconds,
+        "tokens_per_s": {n: batch * new_tokens / s for n, s in seconds.items()},
+        "weights_read_gib_per_call": {n: read / calls / 2**30 for n, (read, calls) in traffic.items()},
+        "weight_read_gb_per_s": {n: traffic[n][0] / s / 1e9 for n, s in seconds.items()},
+        "stream_bandwidth_gb_per_s": stream_bandwidth_gbps(device),
+    }
 
 
 def bench_compiled_decode(
