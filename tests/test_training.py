@@ -246,3 +246,27 @@ def test_image_text_data_with_missing_or_unreadable_images_is_refused_naming_the
 def test_out_of_range_seed_is_named_before_any_work(tmp_path):
     with pytest.raises(ValueError, match=r"--seed -1 is out of range"):
         main(train_args(tmp_path / "no-model", tmp_path / "no-data.txt", tmp_path / "out", seed=-1))
+
+
+@pytest.mark.parametrize("multimodal", [False, True], ids=["text", "multimodal"])
+def test_evaluation_predictions_are_the_logits_without_cache_or_image_features(multimodal, tmp_path):
+    """`Trainer.prediction_step` gathers every output not in `config.keys_to_ignore_at_inference` as predictions: the
+    KV cache (not a tensor: it cannot be gathered across processes) and the image features must be listed."""
+    from transformers import Trainer, TrainingArguments
+
+    from tiny import BOI_ID, EOI_ID, FIRST_TEXT_ID, IMAGE_ID, random_ids, tiny_model, tiny_multimodal_model
+
+    ids = random_ids(2, 6, seed=1).clamp_min(FIRST_TEXT_ID)
+    inputs = {"use_cache": True}
+    if multimodal:  # one 32-pixel tile per row: 4 image tokens between BOI and EOI
+        model = tiny_multimodal_model()
+        ids = torch.cat([torch.tensor([[BOI_ID, *[IMAGE_ID] * 4, EOI_ID]] * 2), ids], dim=1)
+        inputs["pixel_values"] = torch.randn(2, 3, 32, 32)
+    else:
+        model = tiny_model()
+    inputs.update(input_ids=ids, labels=ids)
+    args = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True)
+    loss, predictions, _ = Trainer(model=model, args=args).prediction_step(model, inputs, prediction_loss_only=False)
+    assert torch.isfinite(loss)
+    assert isinstance(predictions, torch.Tensor), [type(p).__name__ for p in predictions]  # not a tuple of outputs
+    assert predictions.shape == (*ids.shape, model.config.get_text_config().vocab_size)

@@ -441,6 +441,8 @@ class Llama4XConfig(PreTrainedConfig):
     """
 
     model_type = "llama4x"
+    # Outputs `Trainer.evaluate` must not gather as predictions (transformers 5.17 gathers whatever is not listed).
+    keys_to_ignore_at_inference = ["cache", "past_key_values", "image_hidden_states"]
     attribute_map = {
         "image_token_id": "image_token_index",
         "boi_token_id": "boi_token_index",
