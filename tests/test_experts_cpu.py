@@ -71,6 +71,14 @@ def test_lone_rows_anywhere_in_the_sorted_pairs(index):
     assert (out.double() - float64_expert_sum(experts, x_TH, index_TK, weight_TK)).abs().max() < 1e-5
 
 
+def test_no_tokens_give_an_empty_output():
+    experts = make_experts(4)
+    out = cpu_expert_loop(
+        experts, torch.randn(0, experts.hidden_dim), torch.zeros(0, 2, dtype=torch.long), torch.ones(0, 2)
+    )
+    assert out.shape == (0, experts.hidden_dim)
+
+
 def test_gradients_match_float64_autograd():
     experts = make_experts(8, seed=3)
     generator = torch.Generator().manual_seed(4)

@@ -44,6 +44,8 @@ def cpu_expert_loop(
     experts: Llama4XExperts, hidden_TH: torch.Tensor, top_k_index_TK: torch.Tensor, top_k_weights_TK: torch.Tensor
 ) -> torch.Tensor:
     """`Llama4XExperts.forward` as one threaded GEMM per used expert and projection: weighted expert sum `(T, H)`."""
+    if top_k_index_TK.numel() == 0:
+        return torch.zeros_like(hidden_TH)
     K = top_k_index_TK.shape[1]
     expert_S, order_S = torch.sort(top_k_index_TK.reshape(-1), stable=True)
     token_S = order_S // K
