@@ -102,14 +102,19 @@ def test_gradients_match_float64_autograd():
     assert experts.gate_up_proj.grad[3].abs().max() == 0, "expert 3 got no token but a gradient"
 
 
-def test_rule_picks_the_loop_for_decode_sized_float32_cpu_batches_only():
+def test_rule_picks_the_loop_for_decode_sized_float32_cpu_batches_without_autograd_only():
     experts = make_experts(8)
     hidden = torch.randn(MAX_PAIRS, experts.hidden_dim)
     index = torch.zeros(MAX_PAIRS, 1, dtype=torch.long)
-    assert use_cpu_expert_loop(experts, hidden, index)
-    assert use_cpu_expert_loop(experts, hidden[:1], index[:1])
-    assert not use_cpu_expert_loop(experts, torch.cat([hidden, hidden[:1]]), torch.cat([index, index[:1]]))
-    assert not use_cpu_expert_loop(experts, hidden.bfloat16(), index)
+    with torch.no_grad():
+        assert use_cpu_expert_loop(experts, hidden, index)
+        assert use_cpu_expert_loop(experts, hidden[:1], index[:1])
+        assert not use_cpu_expert_loop(experts, torch.cat([hidden, hidden[:1]]), torch.cat([index, index[:1]]))
+        assert not use_cpu_expert_loop(experts, hidden.bfloat16(), index)
+    assert not use_cpu_expert_loop(experts, hidden, index), "trainable experts: the grouped GEMM's backward"
+    experts.requires_grad_(False)
+    assert use_cpu_expert_loop(experts, hidden, index), "frozen experts, input without grad: no graph"
+    assert not use_cpu_expert_loop(experts, hidden.requires_grad_(), index), "gradient to the input"
 
 
 @pytest.mark.parametrize("implementation", ["grouped_mm", "eager", "batched_mm"])

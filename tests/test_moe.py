@@ -3,8 +3,8 @@
 Every experts implementation (`eager`, `grouped_mm`, `batched_mm`) is selected through
 `config._experts_implementation`, which transformers' `use_experts_implementation` dispatches on; the block, its
 experts and the test share one config object, so switching it switches the implementation in place. At these token
-counts `grouped_mm` runs `experts_cpu.cpu_expert_loop` on CPU; `grouped_mm:torch` lowers the loop's limit to 0 so
-that torch's grouped GEMM runs.
+counts and without autograd, `grouped_mm` runs `experts_cpu.cpu_expert_loop` on CPU; `grouped_mm:torch` lowers the
+loop's limit to 0 so that torch's grouped GEMM runs.
 """
 
 import itertools

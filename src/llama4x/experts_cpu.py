@@ -8,7 +8,8 @@ bandwidth, so this path:
     - per used expert computes `(W_e @ x_e^T)^T`, on a lone row together with its neighbour so the product has two;
     - scales by the combine weights and sums the pairs back per token.
 Measured on the benchmark's 8 MoE layers (hidden 512, 16 experts of 1024): 1.4x faster than `grouped_mm` at 1
-pair, 2.4x at 8, 2.2x at 64, 1.1x at 128, 0.85x at 256; slower in bfloat16 at every size. Hence the rule in
+pair, 2.4x at 8, 2.2x at 64, 1.1x at 128, 0.85x at 256; slower in bfloat16 at every size, and 4-8x slower with a
+backward pass (forward+backward at 8 and 32 pairs). Hence the rule in
 `use_cpu_expert_loop`, applied to the default `grouped_mm` through transformers' experts interface (a local
 mapping, so other models keep transformers' `grouped_mm`). Inside the experts module's forward, so hooks on it
 (accelerate's offloading) run first.
@@ -30,10 +31,15 @@ MAX_PAIRS = 128  # above this torch's grouped GEMM is as fast or faster (measure
 
 
 def use_cpu_expert_loop(experts: Llama4XExperts, hidden_TH: torch.Tensor, top_k_index_TK: torch.Tensor) -> bool:
-    """Whether `cpu_expert_loop` is the faster kernel: float32 on CPU, at most `MAX_PAIRS` pairs, outside
-    `torch.compile` (the loop's sizes are data-dependent)."""
+    """Whether `cpu_expert_loop` is the faster kernel: float32 on CPU, at most `MAX_PAIRS` pairs, no autograd graph
+    (backward through `weight[expert]` builds a full-size gradient per used expert: 4-8x slower than the grouped
+    GEMM's backward, measured), outside `torch.compile` (the loop's sizes are data-dependent)."""
+    records_graph = torch.is_grad_enabled() and (
+        hidden_TH.requires_grad or experts.gate_up_proj.requires_grad or experts.down_proj.requires_grad
+    )
     return (
-        hidden_TH.device.type == "cpu"
+        not records_graph
+        and hidden_TH.device.type == "cpu"
         and hidden_TH.dtype == experts.gate_up_proj.dtype == torch.float32
         and top_k_index_TK.numel() <= MAX_PAIRS
         and not torch.compiler.is_compiling()
