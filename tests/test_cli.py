@@ -72,11 +72,13 @@ TINY_SHAPES = ["--hidden-size", "32", "--num-hidden-layers", "2", "--num-attenti
         (["train", *TINY_SHAPES, "--batch", "2", "--seq", "32"], ["step_s", "tokens_per_s"]),
         (["decode", *TINY_SHAPES, "--batch", "1", "2", "--prompt", "8", "--new-tokens", "4"],
          ["batch_1/tokens_per_s", "batch_2/tokens_per_s"]),
+        (["decode", *TINY_SHAPES, "--batch", "2", "--prompt", "8", "--new-tokens", "4",
+          "--experts-implementation", "batched_mm"], ["batch_2/tokens_per_s", "batch_2/weights_read_gib_per_call"]),
         (["long-context", *TINY_SHAPES, "--lengths", "64", "128"], ["64/prefill_s", "128/prefill_s"]),
         (["kv-cache", *TINY_SHAPES, "--lengths", "64"], []),
         (["lora", *TINY_SHAPES, "--batch", "2", "--seq", "32", "--rank", "2"], ["step_s", "vs_frozen_base"]),
     ],
-    ids=["moe-layer", "train", "decode", "long-context", "kv-cache", "lora"],
+    ids=["moe-layer", "train", "decode", "decode-batched-mm", "long-context", "kv-cache", "lora"],
 )  # fmt: skip
 def test_speed_benchmarks_print_ratios_and_write_json(argv, rows, tmp_path, capsys):
     import json

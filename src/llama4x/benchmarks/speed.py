@@ -290,12 +290,14 @@ def bench_train(
 
 def bench_decode(
     shapes: Shapes, batch: int, prompt: int, new_tokens: int, dtype: torch.dtype, device: torch.device,
-    repeats: int = 3,
+    repeats: int = 3, experts_implementation: str = "grouped_mm",
 ) -> dict:  # fmt: skip
     """Greedy `generate` of `new_tokens` after a `prompt`-token prompt: new tokens per second (whole batch), and
     the weight traffic: GiB of weights read per forward call (from the routing taken, `traffic.py`) and the rate
-    at which each model read them, beside the device's streaming bandwidth."""
+    at which each model read them, beside the device's streaming bandwidth. `experts_implementation` is
+    llama4x's."""
     models = build_models(shapes, dtype, device)
+    models["llama4x"].set_experts_implementation(experts_implementation)
     input_ids = torch.randint(0, shapes.vocab_size, (batch, prompt), device=device)
     kwargs = {"max_new_tokens": new_tokens, "min_new_tokens": new_tokens, "do_sample": False, "pad_token_id": 0}
     runs = {n: (lambda m=m: m.generate(input_ids=input_ids, **kwargs)) for n, m in models.items()}

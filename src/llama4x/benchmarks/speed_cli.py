@@ -66,7 +66,9 @@ def _train(args, device, dtype) -> dict:
 def _decode(args, device, dtype) -> dict:
     shapes = _shapes(args)
     return {
-        f"batch_{b}": speed.bench_decode(shapes, b, args.prompt, args.new_tokens, dtype, device, args.repeats)
+        f"batch_{b}": speed.bench_decode(
+            shapes, b, args.prompt, args.new_tokens, dtype, device, args.repeats, args.experts_implementation
+        )
         for b in args.batch
     }
 
@@ -119,6 +121,10 @@ def add_speed_commands(subparsers, parents: list[argparse.ArgumentParser]) -> No
             parser.add_argument("--batch", type=_positive_int, nargs="+", default=[1, 8])
             parser.add_argument("--prompt", type=_positive_int, default=64)
             parser.add_argument("--new-tokens", type=_positive_int, default=128)
+            parser.add_argument(
+                "--experts-implementation", choices=("grouped_mm", "batched_mm", "eager"), default="grouped_mm",
+                help="llama4x's routed-experts kernel (default: %(default)s)",
+            )  # fmt: skip
         if name in ("long-context", "kv-cache"):
             parser.add_argument("--lengths", type=_positive_int, nargs="+", default=[4096, 8192, 16384])
         parser.set_defaults(func=run_speed_command, speed_command=name)
