@@ -41,6 +41,17 @@ def step_losses(out: Path) -> dict[int, float]:
     return {entry["step"]: entry["loss"] for entry in results["log_history"] if "loss" in entry}
 
 
+def assert_same_losses_and_balancing_bias(single: Path, distributed: Path) -> None:
+    """The distributed run logged every step's loss equal to the single-process run's, and its processes ended with
+    the same balancing bias."""
+    expected, got = step_losses(single), step_losses(distributed)
+    assert sorted(got) == list(range(1, STEPS + 1))
+    for step in expected:
+        assert got[step] == pytest.approx(expected[step], rel=1e-5, abs=1e-6), f"step {step}: {got} vs {expected}"
+    results = json.loads((distributed / "train_results.json").read_text())["metrics"]
+    assert results["moe/balancing_bias_process_spread"] == 0.0, "processes ended with different balancing biases"
+
+
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
 def test_two_process_ddp_matches_single_process_with_the_same_global_batch(tmp_path, lora):
     model = save_tiny_checkpoint(
@@ -60,12 +71,7 @@ def test_two_process_ddp_matches_single_process_with_the_same_global_batch(tmp_p
     run([*launch, "--main_process_port", str(free_port()), "scripts/train.py", *ddp_args, *lora_args])
     run([sys.executable, "scripts/train.py", *single_args, *lora_args])
 
-    expected, got = step_losses(single), step_losses(ddp)
-    assert sorted(got) == list(range(1, STEPS + 1))
-    for step in expected:
-        assert got[step] == pytest.approx(expected[step], rel=1e-5, abs=1e-6), f"step {step}: {got} vs {expected}"
-    results = json.loads((ddp / "train_results.json").read_text())["metrics"]
-    assert results["moe/balancing_bias_process_spread"] == 0.0, "processes ended with different balancing biases"
+    assert_same_losses_and_balancing_bias(single, ddp)
 
     weights = "adapter_model.safetensors" if lora else "model.safetensors"
     final_single, final_ddp = load_file(single / weights), load_file(ddp / weights)
@@ -123,12 +129,7 @@ def test_two_process_fsdp2_matches_single_process_with_the_same_global_batch(tmp
         sharded, total = line.rsplit("sharded=", 1)[1].split("/")
         assert "fsdp2=True" in line and sharded == total, f"FSDP was not applied (DDP instead?): {line}"
 
-    expected, got = step_losses(single), step_losses(fsdp)
-    assert sorted(got) == list(range(1, STEPS + 1))
-    for step in expected:
-        assert got[step] == pytest.approx(expected[step], rel=1e-5, abs=1e-6), f"step {step}: {got} vs {expected}"
-    results = json.loads((fsdp / "train_results.json").read_text())["metrics"]
-    assert results["moe/balancing_bias_process_spread"] == 0.0, "processes ended with different balancing biases"
+    assert_same_losses_and_balancing_bias(single, fsdp)
 
     final_single, final_fsdp = load_file(single / "model.safetensors"), load_file(fsdp / "model.safetensors")
     assert final_single.keys() == final_fsdp.keys()  # the full state dict, gathered from the shards

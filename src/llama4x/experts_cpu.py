@@ -34,12 +34,13 @@ def use_cpu_expert_loop(experts: Llama4XExperts, hidden_TH: torch.Tensor, top_k_
     """Whether `cpu_expert_loop` is the faster kernel: float32 on CPU, at most `MAX_PAIRS` pairs, no autograd graph
     (backward through `weight[expert]` builds a full-size gradient per used expert: 4-8x slower than the grouped
     GEMM's backward, measured), outside `torch.compile` (the loop's sizes are data-dependent)."""
+    if hidden_TH.device.type != "cpu":  # first: the whole cost of this rule on accelerators
+        return False
     records_graph = torch.is_grad_enabled() and (
         hidden_TH.requires_grad or experts.gate_up_proj.requires_grad or experts.down_proj.requires_grad
     )
     return (
         not records_graph
-        and hidden_TH.device.type == "cpu"
         and hidden_TH.dtype == experts.gate_up_proj.dtype == torch.float32
         and top_k_index_TK.numel() <= MAX_PAIRS
         and not torch.compiler.is_compiling()
