@@ -74,16 +74,18 @@ TINY_SHAPES = ["--hidden-size", "32", "--num-hidden-layers", "2", "--num-attenti
          ["batch_1/tokens_per_s", "batch_2/tokens_per_s"]),
         (["decode", *TINY_SHAPES, "--batch", "2", "--prompt", "8", "--new-tokens", "4",
           "--experts-implementation", "batched_mm"], ["batch_2/tokens_per_s", "batch_2/weights_read_gib_per_call"]),
+        (["decode-overhead", *TINY_SHAPES, "--prompt", "8", "--steps", "2"], ["operators_per_step", "step_ms"]),
         (["long-context", *TINY_SHAPES, "--lengths", "64", "128"], ["64/prefill_s", "128/prefill_s"]),
         (["kv-cache", *TINY_SHAPES, "--lengths", "64"], []),
         (["lora", *TINY_SHAPES, "--batch", "2", "--seq", "32", "--rank", "2"], ["step_s", "vs_frozen_base"]),
     ],
-    ids=["moe-layer", "train", "decode", "decode-batched-mm", "long-context", "kv-cache", "lora"],
+    ids=["moe-layer", "train", "decode", "decode-batched-mm", "decode-overhead", "long-context", "kv-cache", "lora"],
 )  # fmt: skip
 def test_speed_benchmarks_print_ratios_and_write_json(argv, rows, tmp_path, capsys):
     import json
 
-    assert main(["bench", *argv, "--repeats", "1", "--out", str(tmp_path)]) == 0
+    repeats = [] if argv[0] == "decode-overhead" else ["--repeats", "1"]
+    assert main(["bench", *argv, *repeats, "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     for row in rows:
         assert any(line.startswith(f"{row}: ") and "(1.00x)" in line for line in out.splitlines()), (row, out)

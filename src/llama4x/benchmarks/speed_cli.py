@@ -1,4 +1,4 @@
-"""`llama4x bench moe-layer | train | decode | long-context | kv-cache | lora | speed`: the speed benchmarks of
+"""`llama4x bench moe-layer | train | decode | decode-overhead | long-context | kv-cache | lora | speed`: the speed benchmarks of
 `llama4x.benchmarks.speed` from the command line. Each prints its medians beside the ratios to its baseline and
 writes `--out/bench_<name>_<device>.json`."""
 
@@ -10,7 +10,7 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-from . import speed
+from . import overhead, speed
 
 
 def _positive_int(text: str) -> int:
@@ -23,10 +23,12 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _add_shape_options(parser: argparse.ArgumentParser) -> None:
-    """One `--field` per `speed.Shapes` field (default: the issue's CPU config)."""
+def _add_shape_options(parser: argparse.ArgumentParser, defaults: speed.Shapes) -> None:
+    """One `--field` per `speed.Shapes` field."""
     for item in fields(speed.Shapes):
-        parser.add_argument(f"--{item.name.replace('_', '-')}", type=_positive_int, default=item.default)
+        parser.add_argument(
+            f"--{item.name.replace('_', '-')}", type=_positive_int, default=getattr(defaults, item.name)
+        )
 
 
 def _shapes(args: argparse.Namespace) -> speed.Shapes:
@@ -39,8 +41,10 @@ def _device_and_dtype(args: argparse.Namespace):
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: no CUDA device is available.")
+    # decode-overhead counts the GPU path: bfloat16 everywhere (float32 on CPU takes `experts_cpu`'s loop).
+    bf16_default = device.type == "cuda" or args.speed_command == "decode-overhead"
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[
-        args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
+        args.dtype or ("bfloat16" if bf16_default else "float32")
     ]
     return device, dtype
 
@@ -73,6 +77,10 @@ def _decode(args, device, dtype) -> dict:
     }
 
 
+def _decode_overhead(args, device, dtype) -> dict:
+    return overhead.bench_decode_overhead(_shapes(args), args.batch, args.prompt, dtype, device, args.steps)
+
+
 def _long_context(args, device, dtype) -> dict:
     return speed.bench_long_context(_shapes(args), args.lengths, dtype, device, args.repeats)
 
@@ -89,6 +97,10 @@ COMMANDS = {
     "moe-layer": (_moe_layer, "one MoE block fwd and fwd+bwd vs transformers' Llama4TextMoe vs a dense SwiGLU"),
     "train": (_train, "whole-model training step vs transformers' Llama 4 vs the dense-equal-active Llama"),
     "decode": (_decode, "greedy generate tokens/s at the given batch sizes"),
+    "decode-overhead": (
+        _decode_overhead,
+        "operators per eager decode step and its time at tiny sizes (the host cost of eager GPU decoding)",
+    ),
     "long-context": (_long_context, "prefill time and peak memory over sequence lengths"),
     "kv-cache": (_kv_cache, "KV-cache size after a prefill, per layer kind"),
     "lora": (_lora, "training step with PEFT LoRA on routed experts / attention vs the frozen base"),
@@ -100,8 +112,15 @@ def add_speed_commands(subparsers, parents: list[argparse.ArgumentParser]) -> No
     for name, (_, help_text) in COMMANDS.items():
         parser = subparsers.add_parser(name, parents=parents, help=help_text, description=help_text)
         parser.add_argument("--device", default="cpu", help="cpu or cuda (default: %(default)s)")
-        parser.add_argument("--dtype", choices=("float32", "bfloat16"), help="default: float32 on CPU, bf16 on CUDA")
-        parser.add_argument("--repeats", type=_positive_int, default=5, help="timed repeats; the median is reported")
+        parser.add_argument(
+            "--dtype",
+            choices=("float32", "bfloat16"),
+            help="default: float32 on CPU, bf16 on CUDA and for decode-overhead",
+        )
+        if name != "decode-overhead":  # which times --steps decode steps instead
+            parser.add_argument(
+                "--repeats", type=_positive_int, default=5, help="timed repeats; the median is reported"
+            )
         parser.add_argument("--out", default="benchmarks/results", help="folder for the JSON (default: %(default)s)")
         if name == "moe-layer":
             parser.add_argument("--hidden", type=_positive_int, default=512)
@@ -110,8 +129,13 @@ def add_speed_commands(subparsers, parents: list[argparse.ArgumentParser]) -> No
             parser.add_argument("--top-k", type=_positive_int, default=1)
             parser.add_argument("--tokens", type=_positive_int, default=2048)
             parser.add_argument("--profile", action="store_true", help="also write torch.profiler op tables")
+        elif name == "decode-overhead":
+            _add_shape_options(parser, overhead.overhead_shapes())
+            parser.add_argument("--batch", type=_positive_int, default=1)
+            parser.add_argument("--prompt", type=_positive_int, default=64)
+            parser.add_argument("--steps", type=_positive_int, default=50, help="timed decode steps (median)")
         else:
-            _add_shape_options(parser)
+            _add_shape_options(parser, speed.Shapes())
         if name in ("train", "lora"):
             parser.add_argument("--batch", type=_positive_int, default=4)
             parser.add_argument("--seq", type=_positive_int, default=512)
