@@ -188,7 +188,7 @@ def test_trainer_applies_one_bias_update_per_optimizer_step_and_logs_routing_sta
     original = model.model.apply_balancing_bias_update
 
     def counting_update():
-        updates.append(model.model._pending_load.sum().item())
+        updates.append(model.model._expert_load_totals[0].sum().item())
         original()
 
     model.model.apply_balancing_bias_update = counting_update

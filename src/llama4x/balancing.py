@@ -3,10 +3,11 @@
 The functions take what the model collects from each MoE layer: `router_logits (T, E)` in float32 and the
 chosen `topk_index (T, K)`, plus `token_mask (B, S)` that is False on padding (padding never counts).
 
-Auxiliary-loss-free balancing (DeepSeek-V3) needs no code from the user: in training forward passes the
-model adds each layer's tokens-per-expert counts to a pending total and registers itself here; torch's global
-optimizer step hook then applies one bias update per optimizer step that touched the model's parameters —
-with gradient accumulation, from all micro-batches of that step. Eval and inference never update it.
+Auxiliary-loss-free balancing (DeepSeek-V3) needs no code from the user: a model registers itself here when
+built, its training forward passes add each layer's tokens-per-expert counts to a pending total in place (no other
+side effect, so `torch.compile(fullgraph=True)` traces them), and torch's global optimizer step hook applies one
+bias update per optimizer step that touched the model's parameters — with gradient accumulation, from all
+micro-batches of that step. Eval and inference never update it.
 """
 
 import math
@@ -29,10 +30,15 @@ def token_mask_from_attention_mask(attention_mask: torch.Tensor | None, seq_len:
 
 
 def expert_load(topk_index_TK: torch.Tensor, num_experts: int, token_mask: torch.Tensor | None) -> torch.Tensor:
-    """Tokens routed to each expert, `(E,)` int64; padding excluded."""
-    if token_mask is not None:
-        topk_index_TK = topk_index_TK[token_mask.reshape(-1)]
-    return torch.bincount(topk_index_TK.reshape(-1), minlength=num_experts)
+    """Tokens routed to each expert, `(E,)` int64; padding excluded. Each (token, expert) pair adds its token's
+    mask value, so every shape is static (no boolean indexing): it compiles without a graph break."""
+    counts_TK = (
+        torch.ones_like(topk_index_TK)
+        if token_mask is None
+        else token_mask.reshape(-1, 1).to(topk_index_TK.dtype).expand_as(topk_index_TK)
+    )
+    load_E = torch.zeros(num_experts, dtype=torch.int64, device=topk_index_TK.device)
+    return load_E.scatter_add_(0, topk_index_TK.reshape(-1), counts_TK.reshape(-1).to(torch.int64))
 
 
 def load_balancing_loss(
@@ -116,25 +122,28 @@ def all_reduce_load(load_LE: torch.Tensor) -> torch.Tensor:
     return load_LE
 
 
-# torch's optimizer hook is process-global, so the set of models waiting for a bias update is too; it holds
-# weak references only, and a model is in it only between its training forward passes and the next step.
-_models_awaiting_update: "weakref.WeakSet[torch.nn.Module]" = weakref.WeakSet()
+# torch's optimizer hook is process-global, so the set of models it serves is too (weak references only). Models
+# join it when built or copied, not in their forward, so that a compiled forward has no Python side effect here.
+_balanced_models: "weakref.WeakSet[torch.nn.Module]" = weakref.WeakSet()
 _hook_handle = None
 
 
-def schedule_bias_update(model: torch.nn.Module) -> None:
-    """Let the next optimizer step over `model`'s parameters call `model.apply_balancing_bias_update()`."""
+def watch_for_bias_updates(model: torch.nn.Module) -> None:
+    """After each optimizer step over `model`'s parameters, call `model.apply_balancing_bias_update()` when its
+    config has a bias update rate and training forward passes have counted expert loads."""
     global _hook_handle
-    _models_awaiting_update.add(model)
+    _balanced_models.add(model)
     if _hook_handle is None:
         _hook_handle = register_optimizer_step_post_hook(_after_optimizer_step)
 
 
 def _after_optimizer_step(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
-    if not _models_awaiting_update:
+    waiting = [
+        m for m in _balanced_models if m.config.router_bias_update_rate > 0 and m._expert_load_totals is not None
+    ]
+    if not waiting:
         return
     stepped = {id(p) for group in optimizer.param_groups for p in group["params"]}
-    for model in list(_models_awaiting_update):
+    for model in waiting:
         if any(id(p) in stepped for p in model.parameters()):
-            _models_awaiting_update.discard(model)
             model.apply_balancing_bias_update()

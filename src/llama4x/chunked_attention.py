@@ -70,12 +70,15 @@ def blockwise_chunks_for(
 ) -> BlockwiseChunks | None:
     """A `BlockwiseChunks` when a chunked layer can skip its dense mask here, else None: the whole sequence is
     processed at once (nothing cached before), it spans more than one chunk, and each row's real tokens are
-    contiguous (left or right padding only; right padding needs no mask since causality never reaches it)."""
+    contiguous (left or right padding only; right padding needs no mask since causality never reaches it). Under
+    `torch.compile` a padding mask always takes the dense mask: checking it would read its values."""
     if seq_len <= chunk_size or past_seen != 0:  # decoding steps leave here first (compile-friendly)
         return None
     if attention_mask is None:
         return BlockwiseChunks(chunk_size)
     if not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2:
+        return None
+    if torch.compiler.is_compiling():  # the checks below read the mask's values: a graph break, so the dense mask
         return None
     mask_BS = attention_mask.bool()
     real_B = mask_BS.sum(-1)

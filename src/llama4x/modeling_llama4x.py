@@ -27,9 +27,9 @@ from .balancing import (
     all_reduce_load,
     balancing_losses,
     expert_load,
-    schedule_bias_update,
     token_mask_from_attention_mask,
     update_balancing_bias,
+    watch_for_bias_updates,
 )
 from .checkpoints import refuse_pickle_weights, save_staged, verify_safetensors_folder
 from .chunked_attention import BlockwiseChunks, blockwise_chunks_for
@@ -383,11 +383,16 @@ class Llama4XTextModel(Llama4XPreTrainedModel):
         self.norm = Llama4XRMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary_emb = Llama4XRotaryEmbedding(config)
         self.gradient_checkpointing = False
-        # Tokens per expert seen in training forward passes: since the last bias update, and since the last
-        # `pop_expert_load()` (for logging); (num_moe_layers, E) int64, created on first use.
-        self._pending_load: torch.Tensor | None = None
-        self._window_load: torch.Tensor | None = None
+        # Tokens per expert seen in training forward passes, `(2, num_moe_layers, E)` int64, created on first use:
+        # [0] since the last bias update, [1] since the last `pop_expert_load()` (for logging). One tensor, updated
+        # in place: a compiled forward may not mutate two tensors it created as each other's aliases.
+        self._expert_load_totals: torch.Tensor | None = None
+        watch_for_bias_updates(self)  # each optimizer step applies the bias update from the pending loads
         self.post_init()
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        watch_for_bias_updates(self)  # copies (`copy.deepcopy`, unpickling) are trained too
 
     @property
     def moe_blocks(self) -> list[Llama4XMoE]:
@@ -492,29 +497,29 @@ class Llama4XTextModel(Llama4XPreTrainedModel):
             output.aux_loss, output.z_loss = balancing_losses(router_logits, topk_indices, token_mask_BS, config)
 
     def _track_expert_load(self, load_LE: torch.Tensor) -> None:
-        load_LE = load_LE.detach()
-        if self._pending_load is None or self._pending_load.device != load_LE.device:
-            self._pending_load, self._window_load = torch.zeros_like(load_LE), torch.zeros_like(load_LE)
-        self._pending_load += load_LE
-        self._window_load += load_LE
-        if self.config.router_bias_update_rate > 0:
-            schedule_bias_update(self)
+        totals = self._expert_load_totals
+        if totals is None or totals.device != load_LE.device:
+            totals = self._expert_load_totals = load_LE.new_zeros((2, *load_LE.shape))
+        totals += load_LE.detach()
 
     def apply_balancing_bias_update(self) -> None:
         """One auxiliary-loss-free balancing step from the loads since the last one (called after each optimizer
         step automatically; see `balancing.py`)."""
-        if self._pending_load is None:
+        if self._expert_load_totals is None:
             return
-        load_LE = all_reduce_load(self._pending_load)
+        pending_LE = self._expert_load_totals[0]
+        load_LE = all_reduce_load(pending_LE.clone())
         for block, load_E in zip(self.moe_blocks, load_LE):
             update_balancing_bias(block.e_score_correction_bias, load_E, self.config.router_bias_update_rate)
-        self._pending_load.zero_()
+        pending_LE.zero_()
 
     def pop_expert_load(self) -> torch.Tensor | None:
         """Tokens per expert `(num_moe_layers, E)` over the training forward passes since the last call."""
-        load_LE, self._window_load = self._window_load, None
-        if load_LE is not None:
-            self._window_load = torch.zeros_like(load_LE)
+        if self._expert_load_totals is None:
+            return None
+        window_LE = self._expert_load_totals[1]
+        load_LE = window_LE.clone()
+        window_LE.zero_()
         return load_LE
 
 
