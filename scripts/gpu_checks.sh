@@ -1,30 +1,36 @@
 #!/usr/bin/env bash
-# The GPU work still open, as one short script for a lent GPU machine (about 8 minutes on an H200):
-# CUDA correctness (parity, experts kernels, cache, compiled decode, activation LoRA vs PEFT), pixel parity with
-# transformers' torchvision Llama4ImageProcessor, and the speed rows the performance issue tracks (the Scout MoE
-# layer with torch.profiler op tables of llama4x and the dense block: where the remaining 1.4x goes), then the eager
-# decode host overhead on the GPU and eager decode with the grouped-GEMM vs the batched_mm experts.
+# The GPU work still open, in two parts that each fit one 10-minute call on a lent GPU machine:
+#   part 1 (about 8 minutes on an H200): CUDA correctness (parity, experts kernels, cache, compiled decode,
+#     activation LoRA vs PEFT), pixel parity with transformers' torchvision Llama4ImageProcessor, the Scout MoE
+#     layer with torch.profiler op tables of llama4x and the dense block (where the remaining 1.4x goes), LoRA;
+#   part 2: eager-decode host overhead on the GPU, eager decode with the grouped-GEMM vs the batched_mm experts,
+#     and the whole-model training step compiled (fullgraph) against the compiled dense Llama.
 #
-#   OUT=results bash scripts/gpu_checks.sh        # writes JSON and logs under $OUT
+#   OUT=results bash scripts/gpu_checks.sh 1      # writes JSON and logs under $OUT; then part 2
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 OUT="${OUT:-results}"
+PART="${1:?which part: 1 or 2}"
 mkdir -p "$OUT"
 export PYTHONPATH=src
 run() { echo "== $*"; timeout 240 "$@" 2>&1 | grep -v "it/s]" | tail -40; }
-run python scripts/cuda_checks.py --out "$OUT" > "$OUT/cuda_checks.log"
-run python scripts/processor_parity.py --out "$OUT" > "$OUT/processor_parity.log"
-run python -m llama4x.cli bench moe-layer --device cuda --hidden 5120 --expert-size 8192 --experts 16 --top-k 1 \
-    --tokens 8192 --profile --out "$OUT" > "$OUT/moe_layer_scout.log"
-run python -m llama4x.cli bench lora --device cuda --hidden-size 2048 --num-hidden-layers 4 --num-attention-heads 16 \
-    --num-key-value-heads 4 --moe-intermediate-size 4096 --attention-chunk-size 8192 --batch 2 --seq 4096 \
-    --out "$OUT" > "$OUT/lora_4_layers.log"
-run python -m llama4x.cli bench decode-overhead --device cuda --out "$OUT" > "$OUT/decode_overhead.log"
 H200_SHAPES=(--hidden-size 2048 --num-hidden-layers 12 --num-attention-heads 16 --num-key-value-heads 4
     --moe-intermediate-size 4096 --attention-chunk-size 8192)
-for experts in grouped_mm batched_mm; do
-    run python -m llama4x.cli bench decode --device cuda "${H200_SHAPES[@]}" --batch 1 8 --prompt 512 \
-        --new-tokens 32 --repeats 3 --experts-implementation "$experts" --out "$OUT/decode_$experts" \
-        > "$OUT/decode_$experts.log"
-done
+if [[ "$PART" == 1 ]]; then
+    run python scripts/cuda_checks.py --out "$OUT" > "$OUT/cuda_checks.log"
+    run python scripts/processor_parity.py --out "$OUT" > "$OUT/processor_parity.log"
+    run python -m llama4x.cli bench moe-layer --device cuda --hidden 5120 --expert-size 8192 --experts 16 --top-k 1 \
+        --tokens 8192 --profile --out "$OUT" > "$OUT/moe_layer_scout.log"
+    run python -m llama4x.cli bench lora --device cuda "${H200_SHAPES[@]}" --num-hidden-layers 4 --batch 2 \
+        --seq 4096 --out "$OUT" > "$OUT/lora_4_layers.log"
+else
+    run python -m llama4x.cli bench decode-overhead --device cuda --out "$OUT" > "$OUT/decode_overhead.log"
+    for experts in grouped_mm batched_mm; do
+        run python -m llama4x.cli bench decode --device cuda "${H200_SHAPES[@]}" --batch 1 8 --prompt 512 \
+            --new-tokens 32 --repeats 3 --experts-implementation "$experts" --out "$OUT/decode_$experts" \
+            > "$OUT/decode_$experts.log"
+    done
+    run python -m llama4x.cli bench train --device cuda "${H200_SHAPES[@]}" --batch 2 --seq 4096 --repeats 3 \
+        --compile --out "$OUT/train_compiled" > "$OUT/train_compiled.log"
+fi
 tail -n 20 "$OUT"/*.log

@@ -70,6 +70,7 @@ TINY_SHAPES = ["--hidden-size", "32", "--num-hidden-layers", "2", "--num-attenti
         (["moe-layer", "--hidden", "32", "--expert-size", "16", "--experts", "4", "--tokens", "64"],
          ["forward_s", "forward_backward_s"]),
         (["train", *TINY_SHAPES, "--batch", "2", "--seq", "32"], ["step_s", "tokens_per_s"]),
+        (["train", *TINY_SHAPES, "--batch", "2", "--seq", "32", "--compile"], ["step_s", "tokens_per_s"]),
         (["decode", *TINY_SHAPES, "--batch", "1", "2", "--prompt", "8", "--new-tokens", "4"],
          ["batch_1/tokens_per_s", "batch_2/tokens_per_s"]),
         (["decode", *TINY_SHAPES, "--batch", "2", "--prompt", "8", "--new-tokens", "4",
@@ -79,7 +80,7 @@ TINY_SHAPES = ["--hidden-size", "32", "--num-hidden-layers", "2", "--num-attenti
         (["kv-cache", *TINY_SHAPES, "--lengths", "64"], []),
         (["lora", *TINY_SHAPES, "--batch", "2", "--seq", "32", "--rank", "2"], ["step_s", "vs_frozen_base"]),
     ],
-    ids=["moe-layer", "train", "decode", "decode-batched-mm", "decode-overhead", "long-context", "kv-cache", "lora"],
+    ids=["moe-layer", "train", "train-compiled", "decode", "decode-batched-mm", "decode-overhead", "long-context", "kv-cache", "lora"],
 )  # fmt: skip
 def test_speed_benchmarks_print_ratios_and_write_json(argv, rows, tmp_path, capsys):
     import json

@@ -259,25 +259,30 @@ def _moe_state_to_llama4(state: dict[str, torch.Tensor]) -> dict[str, torch.Tens
     return {name.removeprefix(prefix): tensor for name, tensor in converted.items()}
 
 
-def _train_step(model: torch.nn.Module, input_ids: torch.Tensor) -> None:
-    """Forward + backward of the LM loss on `input_ids`, gradients dropped."""
+def _train_step(model: torch.nn.Module, input_ids: torch.Tensor, forward: Callable | None = None) -> None:
+    """Forward (through `forward`, e.g. a compiled model; default the model) + backward of the LM loss on
+    `input_ids`, gradients dropped."""
     model.train()
-    model(input_ids=input_ids, labels=input_ids).loss.backward()
+    (model if forward is None else forward)(input_ids=input_ids, labels=input_ids).loss.backward()
     model.zero_grad(set_to_none=True)
 
 
 def bench_train(
-    shapes: Shapes, batch: int, seq: int, dtype: torch.dtype, device: torch.device, repeats: int = 5
-) -> dict:
-    """Whole-model forward + backward on random tokens: seconds per step and tokens/s."""
-    models = build_models(shapes, dtype, device)
+    shapes: Shapes, batch: int, seq: int, dtype: torch.dtype, device: torch.device, repeats: int = 5,
+    compiled: bool = False,
+) -> dict:  # fmt: skip
+    """Whole-model forward + backward on random tokens: seconds per step and tokens/s. `compiled`: llama4x and the
+    dense Llama under `torch.compile(fullgraph=True)` (compilation in the warm-up step), Llama 4 left out."""
+    models = build_models(shapes, dtype, device, which=("llama4x", "dense_llama") if compiled else MODELS)
     input_ids = torch.randint(0, shapes.vocab_size, (batch, seq), device=device)
+    forwards = {n: torch.compile(m, fullgraph=True) if compiled else m for n, m in models.items()}
 
     timer = Timer(device, repeats)
-    seconds = timer.run_interleaved({n: (lambda m=m: _train_step(m, input_ids)) for n, m in models.items()}, "train")
+    steps = {n: (lambda m=m, f=forwards[n]: _train_step(m, input_ids, f)) for n, m in models.items()}
+    seconds = timer.run_interleaved(steps, "train")
     ours, dense = models["llama4x"], models["dense_llama"]
     moe_flops = train_step_flops(ours, ours.config, shapes.num_experts_per_tok, batch, seq)
-    flops = {"llama4x": moe_flops, "transformers_llama4": moe_flops}
+    flops = {name: moe_flops for name in ("llama4x", "transformers_llama4") if name in models}
     flops["dense_llama"] = train_step_flops(dense, dense.config, 1, batch, seq)
     peak = matmul_peak_tflops(device, dtype)
     return {

@@ -64,7 +64,7 @@ def _moe_layer(args, device, dtype) -> dict:
 
 
 def _train(args, device, dtype) -> dict:
-    return speed.bench_train(_shapes(args), args.batch, args.seq, dtype, device, args.repeats)
+    return speed.bench_train(_shapes(args), args.batch, args.seq, dtype, device, args.repeats, args.compile)
 
 
 def _decode(args, device, dtype) -> dict:
@@ -139,6 +139,10 @@ def add_speed_commands(subparsers, parents: list[argparse.ArgumentParser]) -> No
         if name in ("train", "lora"):
             parser.add_argument("--batch", type=_positive_int, default=4)
             parser.add_argument("--seq", type=_positive_int, default=512)
+        if name == "train":
+            parser.add_argument(
+                "--compile", action="store_true", help="llama4x and the dense Llama under torch.compile (fullgraph)"
+            )
         if name == "lora":
             parser.add_argument("--rank", type=_positive_int, default=8)
         if name == "decode":
