@@ -67,6 +67,16 @@ def test_aux_loss_equals_hand_computation_and_ignores_padding(score_func, aux_ty
     assert abs(loss - expected) < 1e-12, f"{loss} vs {expected}"
 
 
+def test_sequence_aux_loss_averages_only_sequences_with_tokens():
+    config = tiny_text_config(num_local_experts=4, num_experts_per_tok=1, router_aux_loss_type="sequence")
+    logits_TE = LOGITS.reshape(6, 4)
+    topk = logits_TE.topk(1, dim=-1).indices
+    second_alone = load_balancing_loss(logits_TE[3:], topk[3:], torch.ones(1, 3, dtype=torch.bool), config)
+    first_padded = torch.tensor([[False, False, False], [True, True, True]])
+    assert load_balancing_loss(logits_TE, topk, first_padded, config).item() == pytest.approx(second_alone.item())
+    assert load_balancing_loss(logits_TE, topk, torch.zeros(2, 3, dtype=torch.bool), config).item() == 0.0
+
+
 def test_z_loss_equals_hand_computation_and_ignores_padding():
     mask = torch.tensor([[True, True, False], [True, True, True]])
     loss = router_z_loss(LOGITS.reshape(6, 4), mask).item()

@@ -38,9 +38,10 @@ def _train(model, forward, steps: int = 2) -> list[dict]:
     return records
 
 
-@pytest.mark.parametrize("top_k", [1, 2])
-def test_compiled_training_matches_eager_losses_gradients_loads_and_balancing_bias(top_k):
-    eager_model = tiny_model(seed=3, num_experts_per_tok=top_k, **BALANCING).train()
+@pytest.mark.parametrize("top_k, aux_type", [(1, "global"), (2, "sequence")])
+def test_compiled_training_matches_eager_losses_gradients_loads_and_balancing_bias(top_k, aux_type):
+    config = {"num_experts_per_tok": top_k, "router_aux_loss_type": aux_type, **BALANCING}
+    eager_model = tiny_model(seed=3, **config).train()
     compiled_model = copy.deepcopy(eager_model)
     eager = _train(eager_model, eager_model)
     compiled = _train(compiled_model, torch.compile(compiled_model, fullgraph=True))

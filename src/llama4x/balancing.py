@@ -62,9 +62,9 @@ def load_balancing_loss(
     f = (assigned_TE.view(B, S, E) * mask_BS1).sum(dims) / (tokens * K).clamp_min(1)
     p = (probs_TE.view(B, S, E) * mask_BS1).sum(dims) / tokens.clamp_min(1)
     loss = E * (f * p).sum(-1)
-    if config.router_aux_loss_type == "sequence":  # average over the sequences that have tokens
-        has_tokens = tokens.reshape(-1) > 0
-        loss = loss[has_tokens].mean() if has_tokens.any() else loss.sum() * 0
+    if config.router_aux_loss_type == "sequence":  # average over the sequences that have tokens (0 if none)
+        has_tokens = (tokens.reshape(-1) > 0).to(loss.dtype)
+        loss = (loss * has_tokens).sum() / has_tokens.sum().clamp_min(1)
     return loss
 
 
