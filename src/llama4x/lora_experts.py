@@ -20,8 +20,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+from transformers.integrations.moe import _grouped_mm as transformers_grouped_mm
 
 from .moe import Llama4XExperts
 
@@ -83,7 +83,8 @@ def lora_experts_forward(
     T, K = top_k_index_TK.shape
     expert_S, order_S = torch.sort(top_k_index_TK.reshape(-1), stable=True)
     token_S = order_S // K
-    offsets_E = torch.bincount(expert_S, minlength=experts.num_experts).cumsum(0).to(torch.int32)
+    experts_E = torch.arange(experts.num_experts, device=expert_S.device)
+    offsets_E = torch.searchsorted(expert_S, experts_E, right=True).to(torch.int32)  # pairs up to expert e
     x_SH = hidden_TH[token_S]
     gate_SI, up_SI = _project(x_SH, experts.gate_up_proj, offsets_E, adapters.get("gate_up_proj")).chunk(2, dim=-1)
     y_SH = _project(experts.act_fn(gate_SI) * up_SI, experts.down_proj, offsets_E, adapters.get("down_proj"))
@@ -103,14 +104,10 @@ def _project(
 
 
 def grouped_mm(x_SI: torch.Tensor, weight_EIO: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
-    """Rows `offsets[e-1]:offsets[e]` of `x` times `weight[e]`: torch's grouped GEMM where its operands qualify
-    (every row length a multiple of 16 bytes, forward and backward), else a loop over the experts."""
+    """Rows `offsets[e-1]:offsets[e]` of `x` times `weight[e]`, through transformers' grouped GEMM dispatcher (torch's
+    kernel where it applies, a compile-safe per-expert loop otherwise), straight to that loop where a row length is not
+    a multiple of 16 bytes (low ranks in float32), which torch's kernel rejects."""
     x_SI = x_SI.to(weight_EIO.dtype)
-    grouped = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
-    if grouped is not None and all(size * x_SI.element_size() % 16 == 0 for size in weight_EIO.shape[1:]):
-        return grouped(x_SI, weight_EIO, offs=offsets_E)
-    out_SO = x_SI.new_empty(x_SI.shape[0], weight_EIO.shape[-1])
-    starts = [0, *offsets_E.tolist()]
-    for expert, (start, end) in enumerate(zip(starts[:-1], starts[1:])):
-        out_SO[start:end] = x_SI[start:end] @ weight_EIO[expert]
-    return out_SO
+    if all(size * x_SI.element_size() % 16 == 0 for size in weight_EIO.shape[1:]):
+        return transformers_grouped_mm(x_SI, weight_EIO, offs=offsets_E)
+    return torch.ops.transformers.grouped_mm_fallback(x_SI, weight_EIO, offs=offsets_E)
