@@ -3,7 +3,7 @@
     llama4x demo [--out DIR] [--quick] [--minutes N] [--seed S]   # the main job, on bundled data
     llama4x generate --model DIR --prompt TEXT [--max-new-tokens N] [--temperature T]   # text or multimodal DIR
     llama4x bench balance [--steps N] [--out DIR] [--seed S] [--quick]   # balancing benchmark, see BENCHMARKS.md
-    llama4x bench moe-layer|train|decode|long-context|kv-cache|lora [--device D] [sizes ...]   # vs Llama 4, dense
+    llama4x bench moe-layer|train|decode|decode-overhead|long-context|kv-cache|lora [--device D] [sizes]  # vs Llama 4, dense
     llama4x bench speed [--device D] [--only SECTION ...]      # the whole speed suite (BENCHMARKS.md)
     llama4x train [--model DIR | --preset NAME] [--dataset D] [--lora ...] [TrainingArguments ...]   # Trainer
     llama4x distill --teacher DIR --out DIR [--student-kind llama4x|llama] [--layers N] [--loss L] [--offline] ...
