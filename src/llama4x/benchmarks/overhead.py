@@ -24,6 +24,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import DynamicCache
 
 from .._compat import CACHE_FIELD
+from .speed import GPU_SHAPES, Shapes, build_models
 
 # Module class names -> the kind their operators are counted under (the first match, outermost module first).
 KINDS = (("Attention", "attention"), ("MoE", "ffn"), ("Moe", "ffn"), ("MLP", "ffn"), ("RMSNorm", "norm"))
@@ -99,18 +100,15 @@ def decode_step_seconds(model: nn.Module, input_ids: torch.Tensor, steps: int = 
     return statistics.median(times)
 
 
-def overhead_shapes():
+def overhead_shapes() -> Shapes:
     """The GPU config's layers, heads, experts and chunk at hidden 64: compute is negligible, overhead is not."""
-    from .speed import GPU_SHAPES
-
     return replace(GPU_SHAPES, hidden_size=64, moe_intermediate_size=64, vocab_size=256)
 
 
-def bench_decode_overhead(shapes, batch: int, prompt: int, dtype: torch.dtype, device: torch.device,
-                          steps: int = 50) -> dict:  # fmt: skip
+def bench_decode_overhead(
+    shapes: Shapes, batch: int, prompt: int, dtype: torch.dtype, device: torch.device, steps: int = 50
+) -> dict:
     """Operators per decode step (total and per module kind) and the median step time, for the three models."""
-    from .speed import build_models
-
     models = build_models(shapes, dtype, device)
     input_ids = torch.randint(0, shapes.vocab_size, (batch, prompt), device=device)
     counters = {name: decode_step_operators(model, input_ids) for name, model in models.items()}

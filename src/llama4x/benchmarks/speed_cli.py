@@ -1,6 +1,6 @@
-"""`llama4x bench moe-layer | train | decode | decode-overhead | long-context | kv-cache | lora | speed`: the speed benchmarks of
-`llama4x.benchmarks.speed` from the command line. Each prints its medians beside the ratios to its baseline and
-writes `--out/bench_<name>_<device>.json`."""
+"""`llama4x bench moe-layer | train | decode | decode-overhead | long-context | kv-cache | lora | speed`: the speed
+benchmarks of `llama4x.benchmarks.speed` and `.overhead` from the command line. Each prints its medians beside the
+ratios to its baseline and writes `--out/bench_<name>_<device>.json`."""
 
 from __future__ import annotations
 
