@@ -15,7 +15,6 @@ import weakref
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from .configuration_llama4x import Llama4XTextConfig
@@ -55,7 +54,8 @@ def load_balancing_loss(
     probs_TE = router_scores(logits_TE, config)
     if config.router_score_func == "sigmoid":
         probs_TE = probs_TE / probs_TE.sum(dim=-1, keepdim=True).clamp_min(1e-20)
-    assigned_TE = F.one_hot(topk_index_TK, E).sum(dim=1).to(probs_TE.dtype)
+    # (T, E) 1 where the token chose the expert; a scatter, not `one_hot`, which reads the ids back to check them
+    assigned_TE = torch.zeros_like(probs_TE).scatter_(1, topk_index_TK, 1.0)
     mask_BS1 = token_mask_BS.reshape(B, S, 1).to(probs_TE.dtype)
     dims = (0, 1) if config.router_aux_loss_type == "global" else (1,)
     tokens = mask_BS1.sum(dims)  # () or (B, 1)

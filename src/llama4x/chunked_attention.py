@@ -84,6 +84,8 @@ def blockwise_chunks_for(
     real_B = mask_BS.sum(-1)
     left_B = (mask_BS.cumsum(-1) == 0).sum(-1)
     last_B = seq_len - 1 - mask_BS.flip(-1).int().argmax(-1)
-    if not bool(((last_B - left_B + 1 == real_B) | (real_B == 0)).all()):
+    contiguous_B = (last_B - left_B + 1 == real_B) | (real_B == 0)
+    all_contiguous, any_left_padding = torch.stack((contiguous_B.all(), left_B.any())).tolist()  # one read-back
+    if not all_contiguous:
         return None  # padding between real tokens: use the dense mask
-    return BlockwiseChunks(chunk_size, left_B if bool(left_B.any()) else None)
+    return BlockwiseChunks(chunk_size, left_B if any_left_padding else None)

@@ -44,7 +44,8 @@ logger = logging.get_logger(__name__)
 class Llama4XModelOutput(MoeModelOutputWithPast):
     """Decoder output. With `output_router_logits`: `router_logits` per MoE layer `(T, E)`, `expert_load`
     `(num_moe_layers, E)` tokens per expert (padding excluded), and the unweighted balancing losses `aux_loss`
-    (Switch/GShard) and `z_loss`, which are also computed whenever their coefficient is non-zero."""
+    (Switch/GShard) and `z_loss`, which are also computed whenever a loss weighs them in (a non-zero coefficient and
+    `balancing_losses` not False; the LM heads pass whether labels were given, so `generate` skips them)."""
 
     aux_loss: torch.Tensor | None = None
     z_loss: torch.Tensor | None = None
@@ -410,10 +411,12 @@ class Llama4XTextModel(Llama4XPreTrainedModel):
         use_cache: bool | None = None,
         output_router_logits: bool | None = None,
         past_key_values: Cache | None = None,
+        balancing_losses: bool | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> Llama4XModelOutput:
         """Decoder forward. `cache` (`past_key_values` before transformers 5.24) holds the keys and values of
-        earlier steps; chunked layers keep at most one chunk of them."""
+        earlier steps; chunked layers keep at most one chunk of them. `balancing_losses=False` skips the weighted
+        balancing losses when nothing will add them to a loss (default: computed when a coefficient is non-zero)."""
         cache = cache if cache is not None else past_key_values
         if use_cache and cache is None:
             cache = DynamicCache(config=self.config)
@@ -448,7 +451,7 @@ class Llama4XTextModel(Llama4XPreTrainedModel):
         output = Llama4XModelOutput(last_hidden_state=hidden_states, **{CACHE_FIELD: cache if use_cache else None})
         if router_logits:
             self._report_routing(output, router_logits, topk_indices, attention_mask, inputs_embeds.shape[:2],
-                                 bool(output_router_logits))  # fmt: skip
+                                 bool(output_router_logits), balancing_losses is not False)  # fmt: skip
         return output
 
     def _attention_masks(self, inputs_embeds, attention_mask, cache, position_ids, past_seen) -> dict:
@@ -476,11 +479,14 @@ class Llama4XTextModel(Llama4XPreTrainedModel):
             **dense_attention_masks(self.config, inputs_embeds, attention_mask, cache, position_ids, kinds),
         }
 
-    def _report_routing(self, output, router_logits, topk_indices, attention_mask, batch_shape, requested) -> None:
+    def _report_routing(
+        self, output, router_logits, topk_indices, attention_mask, batch_shape, requested, loss_wanted
+    ) -> None:
         """Expert loads, balancing losses and bias bookkeeping from the MoE layers' routing."""
         config = self.config
         tracking = self.training and torch.is_grad_enabled()
-        losses = requested or config.router_aux_loss_coef > 0 or config.router_z_loss_coef > 0
+        weighted = config.router_aux_loss_coef > 0 or config.router_z_loss_coef > 0
+        losses = requested or (weighted and loss_wanted)
         if not (requested or tracking or losses):  # plain inference: nothing to compute
             return
         token_mask_BS = token_mask_from_attention_mask(attention_mask, batch_shape[1])
@@ -579,6 +585,7 @@ class Llama4XForCausalLM(Llama4XPreTrainedModel, GenerationMixin):
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             output_router_logits=output_router_logits,
+            balancing_losses=labels is not None,
             **kwargs,
         )
         hidden_states = outputs.last_hidden_state

@@ -253,6 +253,7 @@ class Llama4XForConditionalGeneration(Llama4XMultimodalPreTrainedModel, Generati
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             output_router_logits=output_router_logits,
+            balancing_losses=labels is not None,
             **kwargs,
         )
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep

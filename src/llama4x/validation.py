@@ -56,7 +56,7 @@ def _check_input_ids(config: Llama4XTextConfig, input_ids: torch.Tensor) -> None
     if input_ids.dim() != 2:
         raise ValueError(f"`input_ids` must be (batch, sequence); got shape {tuple(input_ids.shape)}.")
     if input_ids.shape[1] > 1 and input_ids.numel():
-        low, high = int(input_ids.min()), int(input_ids.max())
+        low, high = torch.stack(torch.aminmax(input_ids)).tolist()  # one read-back (a host sync on GPUs)
         if low < 0 or high >= config.vocab_size:
             bad = low if low < 0 else high
             raise ValueError(f"`input_ids` holds token id {bad}, outside [0, vocab_size={config.vocab_size}).")
