@@ -33,6 +33,12 @@ def _batch(padded: bool) -> dict[str, torch.Tensor]:
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
+def _eager_and_compiled(model: torch.nn.Module) -> list[tuple[torch.nn.Module, torch.nn.Module]]:
+    """`(module, forward)` for `model` as it is and for a deep copy under `torch.compile(fullgraph=True)`."""
+    twin = copy.deepcopy(model)
+    return [(model, model), (twin, torch.compile(twin, fullgraph=True))]
+
+
 def _train(model, forward, steps: int = 2) -> list[dict]:
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     records = []
@@ -52,10 +58,7 @@ def _train(model, forward, steps: int = 2) -> list[dict]:
 @pytest.mark.parametrize("top_k, aux_type", [(1, "global"), (2, "sequence")])
 def test_compiled_training_matches_eager_losses_gradients_loads_and_balancing_bias(top_k, aux_type):
     config = {"num_experts_per_tok": top_k, "router_aux_loss_type": aux_type, "num_hidden_layers": 2, **BALANCING}
-    eager_model = tiny_model(seed=3, **config).train()
-    compiled_model = copy.deepcopy(eager_model)
-    eager = _train(eager_model, eager_model)
-    compiled = _train(compiled_model, torch.compile(compiled_model, fullgraph=True))
+    eager, compiled = (_train(*pair) for pair in _eager_and_compiled(tiny_model(seed=3, **config).train()))
     for step, (e, c) in enumerate(zip(eager, compiled)):
         assert torch.equal(c["load"], e["load"]), f"step {step}: expert loads"
         for key in ("loss", "aux", "z"):
@@ -80,12 +83,8 @@ def test_compiled_lora_training_matches_eager_on_the_routed_expert_adapters():
     for name, param in eager_model.named_parameters():  # PEFT starts B at zero: give every factor a gradient
         if "lora_B" in name:
             torch.nn.init.normal_(param, std=0.1)
-    compiled_model = copy.deepcopy(eager_model)
     grads = []
-    for model, forward in (
-        (eager_model, eager_model),
-        (compiled_model, torch.compile(compiled_model, fullgraph=True)),
-    ):
+    for model, forward in _eager_and_compiled(eager_model):
         out = forward(**_batch(padded=True))
         out.loss.backward()
         grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
@@ -100,12 +99,8 @@ def test_compiled_bfloat16_training_matches_eager():
     """bfloat16 takes torch's grouped GEMM under compile (every supported transformers): loss and expert gradients
     within bfloat16 precision of the eager model's."""
     eager_model = tiny_model(seed=6, dtype=torch.bfloat16, num_hidden_layers=2, **BALANCING).train()
-    compiled_model = copy.deepcopy(eager_model)
     results = []
-    for model, forward in (
-        (eager_model, eager_model),
-        (compiled_model, torch.compile(compiled_model, fullgraph=True)),
-    ):
+    for model, forward in _eager_and_compiled(eager_model):
         out = forward(**_batch(padded=False))
         out.loss.backward()
         results.append((out.loss.float(), model.model.layers[0].feed_forward.experts.gate_up_proj.grad.float()))

@@ -32,12 +32,12 @@ def expert_load(topk_index_TK: torch.Tensor, num_experts: int, token_mask: torch
     """Tokens routed to each expert, `(E,)` int64; padding excluded. Each (token, expert) pair adds its token's
     mask value, so every shape is static (no boolean indexing): it compiles without a graph break."""
     counts_TK = (
-        torch.ones_like(topk_index_TK)
+        torch.ones_like(topk_index_TK, dtype=torch.int64)
         if token_mask is None
-        else token_mask.reshape(-1, 1).to(topk_index_TK.dtype).expand_as(topk_index_TK)
+        else token_mask.reshape(-1, 1).to(torch.int64).expand_as(topk_index_TK)
     )
     load_E = torch.zeros(num_experts, dtype=torch.int64, device=topk_index_TK.device)
-    return load_E.scatter_add_(0, topk_index_TK.reshape(-1), counts_TK.reshape(-1).to(torch.int64))
+    return load_E.scatter_add_(0, topk_index_TK.reshape(-1), counts_TK.reshape(-1))
 
 
 def load_balancing_loss(
