@@ -85,9 +85,11 @@ def test_two_process_ddp_matches_single_process_with_the_same_global_batch(tmp_p
 
 
 # Wraps scripts/train.py and reports after training whether the Trainer really sharded the model: accelerate drops FSDP
-# for CPU processes and trains with DDP instead unless llama4x.training.enable_cpu_fsdp puts it back.
+# for CPU processes and trains with DDP instead unless llama4x.training.enable_cpu_fsdp puts it back. Each rank writes its
+# own report file: the ranks share one stdout, where a line of one can land inside an unfinished line of the other.
 FSDP_PROBE = """
 import os, sys
+from pathlib import Path
 from torch.distributed.tensor import DTensor
 from llama4x import training
 
@@ -96,7 +98,8 @@ class Probe(training.Llama4XTrainer):
         output = super().train(*args, **kwargs)
         params = list(self.model.parameters())
         sharded = sum(isinstance(p, DTensor) for p in params)
-        print(f"probe rank={os.environ['RANK']} fsdp2={self.accelerator.is_fsdp2} sharded={sharded}/{len(params)}")
+        report = Path(__file__).with_name(f"probe_rank{os.environ['RANK']}.txt")
+        report.write_text(f"fsdp2={self.accelerator.is_fsdp2} sharded={sharded}/{len(params)}")
         return output
 
 training.Llama4XTrainer = Probe
@@ -123,9 +126,9 @@ def test_two_process_fsdp2_matches_single_process_with_the_same_global_batch(tmp
     stdout = run([*launch, "--main_process_port", str(free_port()), str(probe), *fsdp_args], timeout=120)
     run([sys.executable, "scripts/train.py", *single_args])
 
-    probes = sorted(line for line in stdout.splitlines() if line.startswith("probe "))
-    assert len(probes) == 2, stdout[-3000:]
-    for line in probes:  # every parameter of every process is a DTensor shard, not a DDP replica
+    reports = sorted(tmp_path.glob("probe_rank*.txt"))
+    assert [report.name for report in reports] == ["probe_rank0.txt", "probe_rank1.txt"], stdout[-3000:]
+    for line in (report.read_text() for report in reports):  # every parameter of every process is a DTensor shard, not a DDP replica
         sharded, total = line.rsplit("sharded=", 1)[1].split("/")
         assert "fsdp2=True" in line and sharded == total, f"FSDP was not applied (DDP instead?): {line}"
 
