@@ -128,7 +128,8 @@ def test_two_process_fsdp2_matches_single_process_with_the_same_global_batch(tmp
 
     reports = sorted(tmp_path.glob("probe_rank*.txt"))
     assert [report.name for report in reports] == ["probe_rank0.txt", "probe_rank1.txt"], stdout[-3000:]
-    for line in (report.read_text() for report in reports):  # every parameter of every process is a DTensor shard, not a DDP replica
+    for line in (report.read_text() for report in reports):
+        # every parameter of every process is a DTensor shard, not a DDP replica
         sharded, total = line.rsplit("sharded=", 1)[1].split("/")
         assert "fsdp2=True" in line and sharded == total, f"FSDP was not applied (DDP instead?): {line}"
 
