@@ -207,6 +207,18 @@ def test_rescale_and_normalize_follow_the_formula():
     assert extremes[0].max() == -1.0 and extremes[1].min() == 1.0
 
 
+def test_do_rescale_false_keeps_the_inputs_own_scale():
+    """transformers' idiom for images already in [0, 1]: `do_rescale=False` normalises the values as given."""
+    rng = np.random.default_rng(5)
+    unit = rng.random((TILE, TILE, 3))  # one tile, no resize
+    integers = rng.integers(0, 256, size=(TILE, TILE, 3), dtype=np.uint8)
+    for image, values in ((unit.astype(np.float32), unit), (integers, integers.astype(np.float64))):
+        pixels = make_processor(max_patches=1)(image, do_rescale=False)["pixel_values"]
+        expected = ((values - 0.5) / 0.5).transpose(2, 0, 1)
+        diff = np.abs(pixels[0] - expected).max()
+        assert diff < 1e-4, f"{image.dtype}: max diff {diff}"
+
+
 def test_return_tensors_pt_and_batches_keep_input_order():
     images = [solid(10, 10), solid(100, 200), solid(90, 30, (0, 0, 0))]
     out = make_processor()(images, return_tensors="pt")

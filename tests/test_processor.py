@@ -142,6 +142,23 @@ def test_placeholder_image_mismatches_raise(processor, text, images, message):
         processor(text=text, images=images)
 
 
+@pytest.mark.parametrize("nested", [[[image(5, 5), image(6, 6)]], [[image(5, 5)], [image(6, 6)], []]])
+def test_one_list_per_text_needs_as_many_lists_as_texts(processor, nested):
+    with pytest.raises(ValueError, match=rf"{len(nested)} list\(s\) of images for 2 text\(s\)"):
+        processor(text=["a <|image|>", "b <|image|>"], images=nested)
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_truncation_into_an_image_raises(processor, side):
+    text, images = "<|image|>", [image(100, 200)]
+    full = processor(text=text, images=images)["input_ids"][0]  # <|begin_of_text|>, then only the image's tokens
+    kwargs = {"truncation": True, "truncation_side": side}
+    with pytest.raises(ValueError, match=r"Truncation cut into an image: .* or raise `max_length`"):
+        processor(text=text, images=images, max_length=len(full) - 2, **kwargs)
+    kept = processor(text=text, images=images, max_length=len(full), **kwargs)["input_ids"][0]
+    assert kept == full
+
+
 def test_videos_and_audio_are_refused(processor):
     with pytest.raises(ValueError, match="text and images only"):
         processor(text="x", videos=[np.zeros((2, 4, 4, 3))])

@@ -12,9 +12,10 @@
    smallest canvas. Scales are rounded as in transformers' processor (float32), so the same canvas wins.
 3. Resize without distortion, never upscaling past `max(side, size)` unless `resize_to_max_canvas` (an image
    smaller than a tile grows to one tile, a larger one keeps its pixels), then pad right and bottom with black.
-4. Rescale by `rescale_factor` (1/255), normalise with `image_mean` / `image_std` (0.5), cut the canvas into its
-   tiles in row-major order and, when there is more than one tile, append a global thumbnail: the whole image
-   resized (with distortion) to one tile.
+4. Rescale by `rescale_factor` (1/255; with `do_rescale=False` an image keeps its own scale: 0..255 for integers,
+   [0, 1] for floats), normalise with `image_mean` / `image_std` (0.5), cut the canvas into its tiles in row-major
+   order and, when there is more than one tile, append a global thumbnail: the whole image resized (with distortion)
+   to one tile.
 
 `Llama4XProcessor` pairs a tokenizer with the image processor and expands each `<|image|>` of the text into the
 layout of Llama 4's processor: `<|image_start|>`, for a multi-tile image one run of `tokens_per_tile` `<|patch|>` per
@@ -389,10 +390,8 @@ class Llama4XImageProcessor(PilBackend):
             convert_rgb=self.do_convert_rgb if do_convert_rgb is None else do_convert_rgb,
         )
 
-    def _rescale_normalize(self, image: np.ndarray, do_rescale, rescale_factor, do_normalize, mean, std) -> np.ndarray:
-        pixels = image.astype(np.float32)
-        if do_rescale:
-            pixels = pixels * np.float32(rescale_factor)
+    def _rescale_normalize(self, image: np.ndarray, scale: float, do_normalize, mean, std) -> np.ndarray:
+        pixels = image.astype(np.float32) * np.float32(scale)
         if do_normalize:
             mean = np.broadcast_to(np.asarray(mean, dtype=np.float32), (3,))
             std = np.broadcast_to(np.asarray(std, dtype=np.float32), (3,))
@@ -417,21 +416,21 @@ class Llama4XImageProcessor(PilBackend):
         tile = size.height
         resample = PILImageResampling.BILINEAR if resample is None else resample
         tiles, grids = [], []
-        for image in images:  # (H, W, 3)
+        for image in images:  # (H, W, 3): uint8, or float32 on the 0..255 scale for float inputs
+            # do_rescale=False keeps an image's own scale, as transformers does: 0..255 for integers, [0, 1] for floats
+            scale = rescale_factor if do_rescale else (1.0 if image.dtype == np.uint8 else 1 / 255)
             plan = plan_tiling(image.shape[0], image.shape[1], tile, max_patches, resize_to_max_canvas)
             resized = _resize(image, *plan.resized, resample)
             canvas_h, canvas_w = plan.canvas
             canvas = np.zeros((canvas_h, canvas_w, 3), dtype=resized.dtype)  # black padding, right and bottom
             canvas[: resized.shape[0], : resized.shape[1]] = resized
-            canvas = self._rescale_normalize(canvas, do_rescale, rescale_factor, do_normalize, image_mean, image_std)
+            canvas = self._rescale_normalize(canvas, scale, do_normalize, image_mean, image_std)
             rows, cols = plan.grid
             # (3, rows*t, cols*t) -> (rows*cols, 3, t, t), row-major over the grid
             tiles.append(canvas.reshape(3, rows, tile, cols, tile).transpose(1, 3, 0, 2, 4).reshape(-1, 3, tile, tile))
             if rows * cols > 1:
                 thumbnail = _resize(image, tile, tile, resample)
-                thumbnail = self._rescale_normalize(
-                    thumbnail, do_rescale, rescale_factor, do_normalize, image_mean, image_std
-                )
+                thumbnail = self._rescale_normalize(thumbnail, scale, do_normalize, image_mean, image_std)
                 tiles.append(thumbnail[None])
             grids.append(plan.grid)
         data = {
@@ -541,10 +540,14 @@ class Llama4XProcessor(ProcessorMixin):
         """Flatten `images`, checking they match the placeholders: per text when given as one list per text."""
         nested = (
             isinstance(images, (list, tuple))
-            and len(images) == len(counts)
             and len(images) > 0
             and all(isinstance(sample, (list, tuple)) for sample in images)
         )
+        if nested and len(images) != len(counts) and not _no_images(images):
+            raise ValueError(
+                f"Got {len(images)} list(s) of images for {len(counts)} text(s): give one list per text (empty for a "
+                f"text without images), or one flat list matched to the placeholders in reading order."
+            )
         if nested:
             flat = []
             for index, (sample, count) in enumerate(zip(images, counts)):
@@ -563,6 +566,19 @@ class Llama4XProcessor(ProcessorMixin):
                 f"given."
             )
         return flat
+
+    def _check_images_kept(self, texts: list[str], input_ids: list[list[int]]) -> None:
+        """Truncation keeps every image whole: the model needs all of an image's `<|patch|>` tokens. Truncation cuts
+        from one side, so an image is whole when no `start_of_image_token` and no `end_of_image_token` was cut."""
+        for token in (self.start_of_image_token, self.end_of_image_token):
+            token_id = self.tokenizer.convert_tokens_to_ids(token)
+            expected = [text.count(token) for text in texts]
+            kept = [list(ids).count(token_id) for ids in input_ids]
+            if kept != expected:
+                raise ValueError(
+                    f"Truncation cut into an image: the texts hold {expected} {token} per text but `input_ids` "
+                    f"keeps {kept}; disable `truncation` or raise `max_length`."
+                )
 
     def _expand(self, text: str, replacements) -> tuple[str, list[dict[str, Any]]]:
         """Replace each placeholder of `text` by the next replacement, in one pass (the expansion itself contains
@@ -640,6 +656,8 @@ class Llama4XProcessor(ProcessorMixin):
             data["pixel_values"] = image_inputs["pixel_values"]
 
         data = {**self.tokenizer(texts, **text_kwargs), **data}
+        if images:
+            self._check_images_kept(texts, data["input_ids"])
         if flags["return_text_replacement_offsets"]:
             # Lets transformers' `apply_chat_template(..., return_assistant_tokens_mask=True)` map the template's
             # character spans onto the expanded text.
