@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     AutoModelForImageTextToText,
     Llama4Config,
@@ -26,7 +27,7 @@ from llama4x.conversion import (
     text_config_from_llama4,
     text_config_to_llama4,
 )
-from tiny import random_ids, randomize_to_unit_scale
+from tiny import random_ids, randomize_to_unit_scale, tiny_multimodal_config
 
 CHUNK = 8
 
@@ -164,6 +165,16 @@ def test_checkpoint_conversion_casts_the_weights_to_the_requested_dtype(tmp_path
     assert next(loaded.parameters()).dtype == torch.bfloat16
 
 
+def test_checkpoint_conversion_keeps_the_source_dtype_both_ways(tmp_path):
+    reference, _ = converted_pair()
+    reference.to(torch.bfloat16).save_pretrained(tmp_path / "llama4")
+    converted = convert_checkpoint(tmp_path / "llama4", tmp_path / "llama4x")
+    back = convert_checkpoint(converted, tmp_path / "back")
+    for folder in (converted, back):
+        assert AutoConfig.from_pretrained(folder).dtype == torch.bfloat16, folder.name
+        assert AutoModelForCausalLM.from_pretrained(folder).dtype == torch.bfloat16, folder.name
+
+
 def test_checkpoint_conversion_refuses_bad_folders(tmp_path):
     reference, _ = converted_pair()
     reference.save_pretrained(tmp_path / "llama4")
@@ -185,6 +196,14 @@ def test_checkpoint_conversion_refuses_bad_folders(tmp_path):
     assert not list(tmp_path.glob(".*partial*")), "no staging folder is left behind"
 
 
+def test_overwrite_never_deletes_an_input_inside_the_output_folder(tmp_path):
+    reference, _ = converted_pair()
+    reference.save_pretrained(tmp_path / "runs" / "llama4")
+    with pytest.raises(ValueError, match="must not be the input folder, inside it or contain it"):
+        convert_checkpoint(tmp_path / "runs" / "llama4", tmp_path / "runs", overwrite=True)
+    assert (tmp_path / "runs" / "llama4" / "model.safetensors").is_file()
+
+
 def test_failed_conversion_leaves_no_output(tmp_path):
     reference, _ = converted_pair()
     reference.save_pretrained(tmp_path / "llama4")
@@ -195,14 +214,15 @@ def test_failed_conversion_leaves_no_output(tmp_path):
     assert not list(tmp_path.glob(".*partial*"))
 
 
-def llama4_multimodal_config() -> Llama4Config:
+def llama4_multimodal_config(vision_overrides: dict | None = None, **text_overrides) -> Llama4Config:
     vision = {
         "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 128,
         "image_size": 32, "patch_size": 8, "pixel_shuffle_ratio": 0.5, "projector_input_dim": 64,
         "projector_output_dim": 64, "vision_output_dim": 64, "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0},
+        **(vision_overrides or {}),
     }  # fmt: skip
     return Llama4Config(
-        text_config=llama4_text_config().to_dict(),
+        text_config=llama4_text_config(**text_overrides).to_dict(),
         vision_config=vision,
         image_token_index=6,
         boi_token_index=4,
@@ -226,9 +246,18 @@ def llama4_multimodal_logits(model, input_ids, pixel_values) -> torch.Tensor:
         hook.remove()
 
 
-def test_llama4_multimodal_logits_match_after_conversion_on_a_several_tile_prompt():
+# Llama 4's vision encoder hard-codes exact GELU and LayerNorm eps 1e-5 whatever these fields say.
+VISION_CONFIGS = {
+    "published": {},
+    "norm_eps_llama4_ignores": {"norm_eps": 0.1},
+    "hidden_act_llama4_ignores": {"hidden_act": "relu"},
+}
+
+
+@pytest.mark.parametrize("vision_overrides", VISION_CONFIGS.values(), ids=VISION_CONFIGS.keys())
+def test_llama4_multimodal_logits_match_after_conversion_on_a_several_tile_prompt(vision_overrides):
     torch.manual_seed(0)
-    reference = Llama4ForConditionalGeneration(llama4_multimodal_config()).eval()
+    reference = Llama4ForConditionalGeneration(llama4_multimodal_config(vision_overrides)).eval()
     randomize_to_unit_scale(reference.vision_model, seed=1)
     model = Llama4XForConditionalGeneration(config_from_llama4(reference.config)).eval()
     model.load_state_dict(state_dict_from_llama4(reference.state_dict()), strict=True)
@@ -263,6 +292,45 @@ def test_multimodal_round_trip_and_checkpoint_folder_conversion(tmp_path):
         config_to_llama4(model.config).to_diff_dict()["vision_config"]
         == reference.config.to_diff_dict()["vision_config"]
     )
+
+
+@pytest.mark.parametrize("field, value", [("norm_eps", 1e-6), ("hidden_act", "gelu_pytorch_tanh")])
+def test_vision_settings_llama4_hard_codes_are_refused_naming_the_field(field, value):
+    with pytest.raises(ValueError, match=field):
+        config_to_llama4(tiny_multimodal_config(vision_overrides={field: value}))
+
+
+def test_tied_lm_head_of_a_multimodal_checkpoint_stays_tied_both_ways(tmp_path):
+    # Llama 4 ties its head by `text_config.tie_word_embeddings` (the head lives in its text model), llama4x by the
+    # composite config's flag; the tied head is not saved, so a flag lost in conversion leaves it random.
+    torch.manual_seed(0)
+    reference = Llama4ForConditionalGeneration(llama4_multimodal_config(tie_word_embeddings=True)).eval()
+    reference.save_pretrained(tmp_path / "llama4")
+    model = AutoModelForImageTextToText.from_pretrained(convert_checkpoint(tmp_path / "llama4", tmp_path / "x")).eval()
+    back = AutoModelForImageTextToText.from_pretrained(convert_checkpoint(tmp_path / "x", tmp_path / "back")).eval()
+    input_ids = random_ids(1, 12)
+    with torch.no_grad():
+        expected = llama4_multimodal_logits(reference, input_ids, None)
+        actual = {
+            "llama4x": model(input_ids=input_ids).logits,
+            "back": llama4_multimodal_logits(back, input_ids, None),
+        }
+    for name, logits in actual.items():
+        diff = (logits - expected).abs().max().item()
+        assert diff < 1e-5, f"{name}: max diff {diff}"
+
+
+def test_tied_lm_head_of_a_llama4x_multimodal_checkpoint_stays_tied_in_llama4(tmp_path):
+    config = tiny_multimodal_config()
+    torch.manual_seed(0)
+    model = Llama4XForConditionalGeneration(Llama4XConfig(**{**config.to_dict(), "tie_word_embeddings": True})).eval()
+    assert not config.text_config.tie_word_embeddings, "only the composite flag ties llama4x's head"
+    model.save_pretrained(tmp_path / "x")
+    back = AutoModelForImageTextToText.from_pretrained(convert_checkpoint(tmp_path / "x", tmp_path / "llama4")).eval()
+    input_ids = random_ids(1, 12)
+    with torch.no_grad():
+        diff = (llama4_multimodal_logits(back, input_ids, None) - model(input_ids=input_ids).logits).abs().max().item()
+    assert diff < 1e-5, f"max diff {diff}"
 
 
 def test_scout_preset_vision_converts_to_meta_published_vision_architecture():

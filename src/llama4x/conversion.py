@@ -73,13 +73,17 @@ def text_config_from_llama4(config: Llama4TextConfig) -> Llama4XTextConfig:
     return Llama4XTextConfig(**fields)
 
 
-def text_config_to_llama4(config: Llama4XTextConfig) -> Llama4TextConfig:
-    """The transformers `Llama4TextConfig` of a llama4x text config; ValueError if Llama 4 cannot express it."""
-    for field, required in LLAMA4_FIXED_SETTINGS.items():
+def _check_fixed_settings(config: Llama4XTextConfig | Llama4XVisionConfig, settings: dict) -> None:
+    for field, required in settings.items():
         if getattr(config, field) != required:
             raise ValueError(
                 f"Cannot convert to Llama 4: `{field}`={getattr(config, field)!r}, Llama 4 only supports {required!r}."
             )
+
+
+def text_config_to_llama4(config: Llama4XTextConfig) -> Llama4TextConfig:
+    """The transformers `Llama4TextConfig` of a llama4x text config; ValueError if Llama 4 cannot express it."""
+    _check_fixed_settings(config, LLAMA4_FIXED_SETTINGS)
     if config.use_qk_norm == "rms":
         raise ValueError("Cannot convert to Llama 4: `use_qk_norm`='rms', Llama 4 only supports 'l2' or 'none'.")
     fields = {name: getattr(config, name) for name in SHARED_TEXT_FIELDS}
@@ -123,10 +127,12 @@ def state_dict_to_llama4(state_dict: dict[str, torch.Tensor]) -> dict[str, torch
 
 SHARED_VISION_FIELDS = (
     "image_size", "patch_size", "num_channels", "hidden_size", "num_hidden_layers", "num_attention_heads",
-    "intermediate_size", "hidden_act", "norm_eps", "pixel_shuffle_ratio", "projector_input_dim",
-    "projector_output_dim", "vision_output_dim", "initializer_range", "attention_dropout",
+    "intermediate_size", "pixel_shuffle_ratio", "projector_input_dim", "projector_output_dim", "vision_output_dim",
+    "initializer_range", "attention_dropout",
 )  # fmt: skip
-SPECIAL_TOKEN_FIELDS = ("image_token_index", "boi_token_index", "eoi_token_index", "tie_word_embeddings")
+# What Llama 4's vision encoder hard-codes (exact GELU, LayerNorm eps 1e-5), whatever its `hidden_act` and `norm_eps`.
+LLAMA4_FIXED_VISION_SETTINGS = {"hidden_act": "gelu", "norm_eps": 1e-5}
+SPECIAL_TOKEN_FIELDS = ("image_token_index", "boi_token_index", "eoi_token_index")
 
 # Whole-model names, applied in order (text-stack layouts are converted afterwards by the text rules above).
 COMPOSITE_FROM_LLAMA4 = (
@@ -174,14 +180,21 @@ def vision_config_from_llama4(config: Llama4VisionConfig) -> Llama4XVisionConfig
     if config.multi_modal_projector_bias:
         raise ValueError("Cannot convert from Llama 4: `multi_modal_projector_bias`=True is not supported.")
     fields = {name: getattr(config, name) for name in SHARED_VISION_FIELDS}
-    return Llama4XVisionConfig(**fields, fusion="encoder", rope_theta=config.rope_parameters["rope_theta"])
+    return Llama4XVisionConfig(
+        **fields, **LLAMA4_FIXED_VISION_SETTINGS, fusion="encoder", rope_theta=config.rope_parameters["rope_theta"]
+    )
 
 
 def vision_config_to_llama4(config: Llama4XVisionConfig) -> Llama4VisionConfig:
     if config.fusion != "encoder":
         raise ValueError(f"Cannot convert to Llama 4: `fusion`={config.fusion!r}, Llama 4 only has 'encoder'.")
+    _check_fixed_settings(config, LLAMA4_FIXED_VISION_SETTINGS)
     fields = {name: getattr(config, name) for name in SHARED_VISION_FIELDS}
-    return Llama4VisionConfig(**fields, rope_parameters={"rope_type": "default", "rope_theta": config.rope_theta})
+    return Llama4VisionConfig(
+        **fields,
+        **LLAMA4_FIXED_VISION_SETTINGS,
+        rope_parameters={"rope_type": "default", "rope_theta": config.rope_theta},
+    )
 
 
 def config_from_llama4(config: Llama4Config | Llama4TextConfig) -> Llama4XConfig | Llama4XTextConfig:
@@ -191,6 +204,8 @@ def config_from_llama4(config: Llama4Config | Llama4TextConfig) -> Llama4XConfig
     return Llama4XConfig(
         text_config=text_config_from_llama4(config.text_config),
         vision_config=vision_config_from_llama4(config.vision_config),
+        # Llama 4's LM head lives in its text model, tied or not by the text config; llama4x's by the composite one.
+        tie_word_embeddings=config.text_config.tie_word_embeddings,
         **{name: getattr(config, name) for name in SPECIAL_TOKEN_FIELDS},
     )
 
@@ -199,9 +214,12 @@ def config_to_llama4(config: Llama4XConfig | Llama4XTextConfig) -> Llama4Config 
     """The transformers Llama 4 config (composite or text) of a llama4x config; ValueError if it has none."""
     if isinstance(config, Llama4XTextConfig):
         return text_config_to_llama4(config)
+    text_config = text_config_to_llama4(config.text_config)
+    text_config.tie_word_embeddings = config.tie_word_embeddings  # the flag Llama 4 ties its head by
     return Llama4Config(
-        text_config=text_config_to_llama4(config.text_config),
+        text_config=text_config,
         vision_config=vision_config_to_llama4(config.vision_config),
+        tie_word_embeddings=config.tie_word_embeddings,
         **{name: getattr(config, name) for name in SPECIAL_TOKEN_FIELDS},
     )
 
@@ -236,8 +254,10 @@ def _check_folders(input_dir: Path, output_dir: Path, overwrite: bool) -> dict:
             f"{input_dir} holds a {config.get('model_type')!r} checkpoint; expected one of model_type "
             f"{sorted(SOURCE_KINDS)}."
         )
-    if output_dir.resolve() == input_dir.resolve() or input_dir.resolve() in output_dir.resolve().parents:
-        raise ValueError(f"The output folder {output_dir} must not be the input folder or inside it.")
+    input_path, output_path = input_dir.resolve(), output_dir.resolve()
+    if output_path == input_path or input_path in output_path.parents or output_path in input_path.parents:
+        # Replacing an output folder that holds the input would delete the input.
+        raise ValueError(f"The output folder {output_dir} must not be the input folder, inside it or contain it.")
     if output_dir.exists() and any(output_dir.iterdir()) and not overwrite:
         raise ValueError(f"The output folder {output_dir} exists and is not empty; pass overwrite=True to replace it.")
     return config
@@ -246,12 +266,13 @@ def _check_folders(input_dir: Path, output_dir: Path, overwrite: bool) -> dict:
 def convert_checkpoint(
     input_dir: str | Path, output_dir: str | Path, dtype: torch.dtype | None = None, overwrite: bool = False
 ) -> Path:
-    """Convert a saved Llama 4 text checkpoint folder to llama4x, or a llama4x one to Llama 4 (by its model_type).
+    """Convert a saved Llama 4 checkpoint folder (text or multimodal) to llama4x, or a llama4x one to Llama 4 (by its
+    model_type).
 
     Reads one safetensors shard at a time (memory bounded by the largest shard), writes the converted config,
     shards, index and tokenizer/processor files into a temporary folder next to `output_dir`, and moves it into
     place only when everything is written: a failure never leaves a partial checkpoint. The input is never
-    modified. `dtype` casts floating-point weights.
+    modified. `dtype` casts floating-point weights (default: keep the source's dtype).
     """
     input_dir, output_dir = Path(input_dir), Path(output_dir)
     model_type = _check_folders(input_dir, output_dir, overwrite)["model_type"]
@@ -272,11 +293,7 @@ def convert_checkpoint(
                 with safe_open(input_dir / shard, framework="pt") as reader:
                     for name in reader.keys():
                         new_name, tensor = convert_tensor(name, reader.get_tensor(name), multimodal)
-                        if (
-                            dtype is not None
-                            and tensor.is_floating_point()
-                            and not new_name.endswith("e_score_correction_bias")
-                        ):
+                        if dtype is not None and tensor.is_floating_point():
                             tensor = tensor.to(dtype)
                         converted[new_name] = tensor
                         weight_map[new_name] = shard
@@ -309,14 +326,15 @@ def _write_config(input_dir: Path, output_dir: Path, model_type: str, dtype: tor
 
     source_class = {"llama4_text": Llama4TextConfig, "llama4": Llama4Config}.get(model_type)
     if source_class is not None:
-        config = config_from_llama4(source_class.from_pretrained(input_dir))
+        source = source_class.from_pretrained(input_dir)
+        config = config_from_llama4(source)
         model_class = Llama4XForCausalLM if model_type == "llama4_text" else Llama4XForConditionalGeneration
     else:
         source_class = Llama4XTextConfig if model_type == "llama4x_text" else Llama4XConfig
-        config = config_to_llama4(source_class.from_pretrained(input_dir))
+        source = source_class.from_pretrained(input_dir)
+        config = config_to_llama4(source)
         model_class = None
-    if dtype is not None:
-        config.dtype = dtype
+    config.dtype = dtype if dtype is not None else source.dtype
     if model_class is not None:
         with torch.device("meta"):  # only to copy the model code and write `auto_map` (trust_remote_code loading)
             custom_object_save(model_class(config), output_dir, config=config)

@@ -156,7 +156,9 @@ class Llama4XModel(Llama4XMultimodalPreTrainedModel):
             ),
         )
         image_features = self._project_images(pixel_values)  # (N, T, H)
-        flat_features = image_features.reshape(-1, image_features.shape[-1]).to(inputs_embeds.dtype)  # (N * T, H)
+        flat_features = image_features.reshape(-1, image_features.shape[-1])  # (N * T, H)
+        # the vision tower may sit on another device than the embeddings (accelerate device maps)
+        flat_features = flat_features.to(inputs_embeds.device, inputs_embeds.dtype)
         inputs_embeds = inputs_embeds.masked_scatter(image_mask[..., None], flat_features)
         return inputs_embeds, image_features
 
