@@ -269,6 +269,17 @@ def test_student_ffn_equals_the_teacher_moe_for_tokens_routed_to_the_one_expert_
     assert diff < 1e-4, f"whole model: max diff {diff}"
 
 
+def test_routing_counts_go_to_their_own_layer_whatever_the_order_of_moe_layers():
+    teacher = one_expert_teacher(moe_layers=[3, 1])  # valid config: the MoE layers in any order
+    with torch.no_grad():
+        teacher.model.layers[1].feed_forward.e_score_correction_bias[EXPERT] = 0.0
+        teacher.model.layers[1].feed_forward.e_score_correction_bias[5] = 10.0  # layer 1: expert 5, layer 3: EXPERT
+    student = Llama4XForCausalLM(student_config(teacher.config))
+    calibration = [{"input_ids": random_ids(2, 12, seed=1), "attention_mask": torch.ones(2, 12)}]
+    counts = init_student_from_teacher(student, teacher, calibration)["expert_counts"]
+    assert counts[1][5] == 24 and counts[3][EXPERT] == 24, counts
+
+
 def test_merged_experts_are_the_documented_frequency_weighted_average_per_group():
     teacher = tiny_model(num_experts_per_tok=2, router_weight_on_input=True)
     randomize_to_unit_scale(teacher, 3)
@@ -413,6 +424,26 @@ def test_trainer_lowers_the_students_kl_to_the_teacher(tmp_path, offline):
     assert "kd_loss" in trainer.state.log_history[0]
 
 
+def test_gradient_accumulation_matches_one_big_batch_when_rows_supervise_different_counts(tmp_path):
+    teacher, rows = unit_teacher(), text_rows(count=8)
+    for n, row in enumerate(rows):  # prompts of 1, 3, 5, 7 tokens: micro-batches count different positions
+        row["labels"] = row["labels"].clone()
+        row["labels"][: 1 + 2 * (n % 4)] = -100
+    results = {}
+    for name, batching in (("big", {"per_device_train_batch_size": 4}),
+                           ("accumulated", {"per_device_train_batch_size": 2, "gradient_accumulation_steps": 2})):  # fmt: skip
+        student = random_student(teacher, num_layers=2)
+        args = training_args(tmp_path / name, 1, optim="sgd", learning_rate=1.0, max_grad_norm=0, **batching)
+        trainer = DistillationTrainer(model=student, teacher=teacher, args=args, train_dataset=rows,
+                                      distillation_args=DistillationArguments(alpha=0.5))  # fmt: skip
+        trainer.train()
+        results[name] = trainer.state.log_history[0]["loss"], torch.cat([p.flatten() for p in student.parameters()])
+    (big_loss, big), (loss, accumulated) = results["big"], results["accumulated"]
+    assert loss == pytest.approx(big_loss, rel=1e-6), (loss, big_loss)
+    diff = (accumulated - big).abs().max().item()
+    assert diff < 1e-5, f"parameters after one step differ by {diff}"
+
+
 def test_offline_cache_files_exist_and_give_the_online_first_step_loss(tmp_path):
     teacher, rows = unit_teacher(), text_rows()
     first_losses = {}
@@ -536,6 +567,17 @@ def test_distill_command_writes_the_student_the_baseline_and_the_report(text_tea
     assert report["settings"]["loss"] == "jsd" and report["teacher_layers"] == [0, 3]
     assert all(m["perplexity"] > 1 and m["decode_tokens_per_second"] > 0 for m in report["models"].values())
     assert isinstance(AutoModelForCausalLM.from_pretrained(out), LlamaForCausalLM)
+
+
+def test_calibration_stops_where_the_rows_run_out_and_a_negative_count_is_refused(text_teacher_dir, tmp_path):
+    from llama4x.distillation import collated_batches, distill
+
+    rows = [{"input_ids": torch.full((3,), i)} for i in range(5)]
+    batches = collated_batches(rows, default_data_collator, batch_size=2, limit=10)  # more batches than rows
+    assert [b["input_ids"][:, 0].tolist() for b in batches] == [[0, 1], [2, 3], [4]]
+    assert len(collated_batches(rows, default_data_collator, batch_size=2, limit=1)) == 1
+    with pytest.raises(ValueError, match="calibration_batches=-1"):
+        distill(text_teacher_dir, tmp_path / "out", calibration_batches=-1)
 
 
 def test_distill_passes_callbacks_to_the_trainer_of_each_student(text_teacher_dir, tmp_path):

@@ -12,7 +12,7 @@ from transformers import TrainerCallback
 from llama4x import Llama4XForCausalLM
 from llama4x.data import IGNORE_INDEX, python_docs_texts
 from llama4x.tokenization import train_tokenizer
-from llama4x.training import DataArguments, data_kind, main, parse_args, tokenize_chat, train
+from llama4x.training import DataArguments, build_data, data_kind, main, parse_args, tokenize_chat, train
 from tiny import tiny_text_config
 
 TOKENIZER_VOCAB = 320
@@ -105,6 +105,29 @@ def test_chat_labels_cover_exactly_the_assistant_replies():
     everything = tokenize_chat(tokenizer, messages, max_length=512, answer_only=False)
     assert everything["labels"] == everything["input_ids"] == ids
     assert len(tokenize_chat(tokenizer, messages, max_length=7)["input_ids"]) == 7
+
+
+def test_unpacked_documents_end_with_eos_as_packed_ones_unless_cut_by_the_block():
+    import datasets
+
+    tokenizer = train_tokenizer(python_docs_texts()[:10], vocab_size=TOKENIZER_VOCAB)
+    texts = ["a short document", "", "a longer document " * 20]
+    rows = datasets.Dataset.from_dict({"text": texts})
+    data = build_data("lm", rows, None, None, tokenizer, DataArguments(packing=False, block_size=32))
+    short, long = tokenizer(texts[0])["input_ids"], tokenizer(texts[2])["input_ids"]
+    assert data.train["input_ids"] == [short + [tokenizer.eos_token_id], long[:32]]  # the empty line is dropped
+    assert data.train["labels"] == data.train["input_ids"]
+
+
+@pytest.mark.parametrize("packing", [True, False])
+def test_text_without_an_eos_token_is_refused_naming_it(packing):
+    import datasets
+
+    tokenizer = train_tokenizer(python_docs_texts()[:10], vocab_size=TOKENIZER_VOCAB)
+    tokenizer.eos_token = None
+    rows = datasets.Dataset.from_dict({"text": ["a document"]})
+    with pytest.raises(ValueError, match="eos_token"):
+        build_data("lm", rows, None, None, tokenizer, DataArguments(packing=packing, block_size=32))
 
 
 def test_parser_reaches_training_arguments_and_lora_options():

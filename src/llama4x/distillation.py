@@ -50,6 +50,7 @@ from .distillation_losses import (
     HiddenStateAligner,
     TeacherTopK,
     _check_arguments,
+    counted_positions,
     distillation_loss,
 )
 from .distillation_report import distillation_report
@@ -165,16 +166,14 @@ class DistillationTrainer(Trainer):
     on every batch, images included for multimodal models. Offline: at construction the teacher's logits over
     `train_dataset` are cached to disk (`prepare_teacher_cache`), the teacher is released, and training reads the
     cache; evaluation batches, which are not cached, then get the label loss only. With `alpha == 0` and no hidden
-    alignment no teacher is needed: the labels-only baseline of the same trainer.
+    alignment no teacher is needed: the labels-only baseline of the same trainer. In training the loss is the mean over
+    the counted positions of the whole accumulated batch (all processes), not a mean of micro-batch means.
 
     The logs add `kd_loss`, `ce_loss` (and `hidden_loss`): unweighted means since the previous log. With hidden-state
     alignment the learned projection trains with the student (own parameter group, no weight decay) and is not saved.
     Datasets of raw records (e.g. `digits_vqa` with `DigitsCollator`) need `remove_unused_columns=False`, as with any
     `Trainer`; the cached-logit keys are always kept.
     """
-
-    # `compute_loss` returns the mean over one micro-batch: the Trainer divides it by the accumulation steps.
-    loss_is_scaled_for_ga = False
 
     def __init__(
         self,
@@ -274,10 +273,21 @@ class DistillationTrainer(Trainer):
             loss = loss + dargs.hidden_weight * hidden_loss
             parts["hidden_loss"] = hidden_loss.detach()
         if model.training:
+            if num_items_in_batch is not None:
+                loss = self._token_weighted(loss, labels, inputs.get("attention_mask"), logits, num_items_in_batch)
             for key, value in parts.items():
                 self._parts[key] = self._parts.get(key, 0.0) + value.float()
             self._parts_steps += 1
         return (loss, outputs) if return_outputs else loss
+
+    def _token_weighted(self, loss, labels, mask, logits, num_items_in_batch) -> torch.Tensor:
+        """The micro-batch mean `loss` as its share of the mean over all the positions of the accumulated batch (and
+        of every process: `num_items_in_batch`, which the Trainer then neither divides by the accumulation steps nor
+        averages over processes), so that accumulation gives the gradient of one big batch, as for the LM loss."""
+        count = counted_positions(labels, mask, logits.shape[:2], logits.device).sum()
+        if self.args.average_tokens_across_devices:  # the count is over all processes, whose gradients DDP averages
+            count = count * (self.accelerator.num_processes // self.get_tp_size())
+        return loss * count / torch.as_tensor(num_items_in_batch, device=loss.device).clamp_min(1)
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         if "loss" in logs and self._parts_steps:
@@ -313,6 +323,12 @@ def _load_teacher(teacher_dir: str | Path):
     if not isinstance(config, Llama4XTextConfig):
         raise ValueError(f"--teacher {str(teacher_dir)!r} holds a {type(config).__name__}; expected a llama4x model.")
     return AutoModelForCausalLM.from_pretrained(teacher_dir), AutoTokenizer.from_pretrained(teacher_dir), False
+
+
+def collated_batches(rows: Sequence, collator: Callable, batch_size: int, limit: int | None = None) -> list[dict]:
+    """`rows` cut, in order, into batches of `batch_size` (the last one may be smaller), at most `limit` of them
+    (fewer when the rows run out), each passed through `collator`."""
+    return [collator(rows[start : start + batch_size]) for start in range(0, len(rows), batch_size)[:limit]]
 
 
 def _new_student(config):
@@ -403,6 +419,8 @@ def distill(
     ):
         if value < 1:
             raise ValueError(f"Invalid {name}={value!r}: expected an integer >= 1.")
+    if calibration_batches < 0:
+        raise ValueError(f"Invalid calibration_batches={calibration_batches!r}: expected an integer >= 0.")
     start = time.perf_counter()
     set_seed(seed)
     teacher_model, processing, composite = _load_teacher(teacher)
@@ -428,7 +446,7 @@ def distill(
         train_rows = lm_rows(tokenizer, train_texts, block_size)
         eval_rows = lm_rows(tokenizer, eval_texts, block_size)[:eval_size]
         collator = default_data_collator
-    eval_batches = [collator(eval_rows[i : i + batch_size]) for i in range(0, len(eval_rows), batch_size)]
+    eval_batches = collated_batches(eval_rows, collator, batch_size)
 
     count = layers if isinstance(layers, int) else None
     chosen = list(layers) if layers is not None and not isinstance(layers, int) else None
@@ -437,8 +455,8 @@ def distill(
     student = _new_student(config)
     init_info = None
     if init == "teacher":
-        calibration = [collator(train_rows[i * batch_size : (i + 1) * batch_size]) for i in range(calibration_batches)]
-        init_info = init_student_from_teacher(student, teacher_model, [b for b in calibration if len(b["input_ids"])])
+        calibration = collated_batches(train_rows, collator, batch_size, calibration_batches)
+        init_info = init_student_from_teacher(student, teacher_model, calibration)
     labels_only = copy.deepcopy(student) if baseline else None
 
     trainer = DistillationTrainer(

@@ -352,7 +352,8 @@ def init_student_from_teacher(
     kept = select_layers(t_config.num_hidden_layers, s_config.num_hidden_layers, layers)
     rotate_half = s_config.model_type == "llama"
     stats = routing_statistics(teacher, calibration_batches) if calibration_batches is not None else None
-    moe_stats = dict(zip(t_config.moe_layers, stats)) if stats is not None else {}
+    # `stats` follows the layer order; `moe_layers` may list the layers in any order.
+    moe_stats = dict(zip(sorted(t_config.moe_layers), stats)) if stats is not None else {}
 
     _copy(s_decoder.embed_tokens.weight, t_decoder.embed_tokens.weight)
     _copy(s_decoder.norm.weight, t_decoder.norm.weight)

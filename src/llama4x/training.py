@@ -21,7 +21,8 @@ Datasets (`--dataset`):
         `prompt` + `answer`           chat (one user turn, one assistant turn);
         `messages`                    chat (`[{"role": ..., "content": ...}, ...]`);
         `image` + `prompt` + `answer` image-text chat (`image` a path, relative to the data file's folder).
-Language-modelling text is packed into `--block-size` blocks (`--no-packing`: one truncated example per document).
+Language-modelling text is packed into `--block-size` blocks, EOS after each document (`--no-packing`: one example
+per document, ending with EOS, truncated to the block).
 Chat uses the chat template of the tokenizer (llama4x's by default); with `--answer-only-loss` (the default) only
 assistant tokens are supervised. Part of the data (`--eval-fraction`) is held out; the final metrics include the
 eval LM loss, perplexity and next-token accuracy on supervised tokens.
@@ -275,6 +276,8 @@ def tokenize_chat(
 def _lm_dataset(texts, tokenizer: PreTrainedTokenizerBase, data_args: DataArguments, column: str):
     """Tokenized (and packed) language-modelling examples from a `datasets.Dataset` with a text column."""
     block, eos = data_args.block_size, tokenizer.eos_token_id
+    if eos is None:
+        raise ValueError("The tokenizer has no `eos_token`: language-modelling examples end each document with it.")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     texts = texts.filter(lambda row: bool(row[column] and row[column].strip()))
 
@@ -282,8 +285,8 @@ def _lm_dataset(texts, tokenizer: PreTrainedTokenizerBase, data_args: DataArgume
         ids = tokenizer(batch[column])["input_ids"]
         if data_args.packing:
             blocks, masks = pack_token_ids(ids, block, eos_id=eos, pad_id=pad)
-        else:
-            blocks = [row[:block] for row in ids]
+        else:  # each document ends with EOS as in a packed stream (unless the block cuts it)
+            blocks = [(row + [eos])[:block] for row in ids]
             masks = [[1] * len(row) for row in blocks]
         labels = [[t if m else IGNORE_INDEX for t, m in zip(b, ms)] for b, ms in zip(blocks, masks)]
         return {"input_ids": blocks, "attention_mask": masks, "labels": labels}
