@@ -130,6 +130,16 @@ def test_text_without_an_eos_token_is_refused_naming_it(packing):
         build_data("lm", rows, None, None, tokenizer, DataArguments(packing=packing, block_size=32))
 
 
+@pytest.mark.parametrize(
+    "flag, value",
+    [("--block-size", "0"), ("--eval-fraction", "-0.1"), ("--eval-fraction", "1"), ("--max-train-samples", "0"),
+     ("--text-sample-by", "sentence")],
+)  # fmt: skip
+def test_invalid_data_options_are_refused_naming_the_flag(flag, value):
+    with pytest.raises(ValueError, match=flag):
+        parse_args(["--preset", "tiny", flag, value])
+
+
 def test_parser_reaches_training_arguments_and_lora_options():
     model_args, data_args, lora_args, training_args = parse_args(
         ["--preset", "tiny", "--dataset", "pydocs", "--lora", "--lora-r", "4", "--gradient-checkpointing",

@@ -124,6 +124,16 @@ class DataArguments:
         default=None, metadata={"help": "Keep only the first N training examples (after packing)."}
     )
 
+    def __post_init__(self):
+        if self.block_size < 1:
+            raise ValueError(f"--block-size {self.block_size!r}: expected an integer >= 1.")
+        if not 0 <= self.eval_fraction < 1:
+            raise ValueError(f"--eval-fraction {self.eval_fraction!r}: expected a share in [0, 1).")
+        if self.max_train_samples is not None and self.max_train_samples < 1:
+            raise ValueError(f"--max-train-samples {self.max_train_samples!r}: expected an integer >= 1.")
+        if self.text_sample_by not in ("line", "paragraph", "document"):
+            raise ValueError(f"--text-sample-by {self.text_sample_by!r}: expected line, paragraph or document.")
+
 
 @dataclass
 class LoraArguments:
@@ -203,8 +213,6 @@ def _load_file(path: str, data_args: DataArguments):
         raise ValueError(f"--dataset {path!r} is not a file.")
     kwargs = {}
     if suffix == ".txt":
-        if data_args.text_sample_by not in ("line", "paragraph", "document"):
-            raise ValueError(f"--text-sample-by {data_args.text_sample_by!r}: expected line, paragraph or document.")
         kwargs["sample_by"] = data_args.text_sample_by
     return datasets.load_dataset(_FILE_BUILDERS[suffix], data_files=str(path), split="train", **kwargs)
 
@@ -332,10 +340,8 @@ class ImageTextRecords(torch.utils.data.Dataset):
 
 
 def _split(dataset, fraction: float, seed: int):
-    if fraction <= 0:
+    if fraction == 0:
         return dataset, None
-    if not 0 < fraction < 1:
-        raise ValueError(f"--eval-fraction {fraction!r}: expected a share in [0, 1).")
     if len(dataset) < 2:
         raise ValueError(
             f"{len(dataset)} example(s): need at least 2 to hold out an eval split (or --eval-fraction 0)."
