@@ -164,3 +164,14 @@ def test_invalid_lora_arguments_name_the_field():
         lora_config(tiny_model(), parts=("dense_ffn",))  # every layer is MoE
     with pytest.raises(ValueError, match="reach no LoRA target"):
         lora_config(model, parts=("router",))
+
+
+@pytest.mark.parametrize("option", [{"use_dora": True}, {"init_lora_weights": "pissa"}, {"init_lora_weights": "eva"}])
+def test_options_pefts_expert_lora_cannot_apply_are_refused_by_name(option):
+    """PEFT refuses DoRA only when wrapping the model, and its weight-based or data-driven initialisations fail on
+    the experts module (no `weight`, 3-D inputs); the same options remain fine on the `nn.Linear` parts."""
+    model = tiny_model(**MIXED)
+    ((name, value),) = option.items()
+    with pytest.raises(ValueError, match=f"`{name}`={value!r} with part 'routed_experts'"):
+        lora_config(model, parts=("attention", "routed_experts"), **option)
+    get_peft_model(model, lora_config(model, parts=("attention",), **option))

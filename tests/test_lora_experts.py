@@ -124,3 +124,13 @@ def test_grouped_mm_equals_a_loop_over_experts_including_empty_groups(dtype, siz
         rtol=1e-2 if dtype == torch.bfloat16 else 1e-5,
         atol=1e-2 if dtype == torch.bfloat16 else 1e-5,
     )
+
+
+def test_float64_model_runs_the_activation_path_and_matches_pefts_merged_weights():
+    peft_model = lora_model(("routed_experts",), seed=9).double()  # torch's grouped GEMM kernel rejects float64
+    ids = random_ids(2, 16)
+    with torch.no_grad():
+        ours = peft_model(ids).logits
+        merged = peft_model.merge_and_unload()(ids).logits  # eager experts on W + delta, PEFT's own merge
+    diff = (ours - merged).abs().max().item()
+    assert ours.dtype == torch.float64 and diff < 1e-12, f"float64 activation path vs merged weights: max diff {diff}"

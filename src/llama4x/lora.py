@@ -86,6 +86,28 @@ def _names_regex(pairs: list[tuple[str, str]]) -> str:
     return "|".join(f"(?:{alt})" for alt in alternatives)
 
 
+def _check_routed_expert_options(dropout: float, kwargs: dict) -> None:
+    """Refuse what PEFT's LoRA on the stacked expert weights (`target_parameters`) cannot do: dropout, DoRA, and any
+    initialisation but the default and "gaussian" (PiSSA, OLoRA, ... read a `weight` the experts module does not
+    have; PEFT would fail only when wrapping or initialising the model, some with an AttributeError)."""
+    init = kwargs.get("init_lora_weights", True)
+    refused = {
+        "dropout": (dropout, dropout > 0, "dropout=0"),
+        "use_dora": (kwargs.get("use_dora"), bool(kwargs.get("use_dora")), "use_dora=False"),
+        "init_lora_weights": (
+            init,
+            isinstance(init, str) and init.lower() != "gaussian",
+            "init_lora_weights True, False or 'gaussian'",
+        ),
+    }
+    for field, (value, invalid, supported) in refused.items():
+        if invalid:
+            raise ValueError(
+                f"Invalid LoRA `{field}`={value!r} with part 'routed_experts': PEFT's LoRA on the stacked expert "
+                f"weights (target_parameters) supports only {supported}; use that or leave 'routed_experts' out."
+            )
+
+
 def lora_config(
     model: nn.Module,
     parts: Iterable[str] = LORA_PARTS,
@@ -102,14 +124,12 @@ def lora_config(
             MoE) are skipped.
         r, alpha, dropout: LoRA rank, `lora_alpha` and `lora_dropout`. PEFT's parameter LoRA (the routed experts)
             cannot apply dropout, so `dropout > 0` requires leaving `routed_experts` out.
-        **kwargs: further `LoraConfig` fields (`use_rslora`, `init_lora_weights`, extra `modules_to_save`, ...).
+        **kwargs: further `LoraConfig` fields (`use_rslora`, `init_lora_weights`, extra `modules_to_save`, ...);
+            with `routed_experts`, no `use_dora` and `init_lora_weights` only True, False or "gaussian".
     """
     targets = lora_targets(model, parts)
-    if dropout > 0 and targets.get("routed_experts"):
-        raise ValueError(
-            f"Invalid LoRA `dropout`={dropout!r} with part 'routed_experts': PEFT's LoRA on the stacked expert "
-            "weights (target_parameters) supports no dropout; use dropout=0 or leave 'routed_experts' out."
-        )
+    if targets.get("routed_experts"):
+        _check_routed_expert_options(dropout, kwargs)
     module_pairs = [pair for part in ("attention", "shared_experts", "dense_ffn") for pair in targets.get(part, [])]
     expert_paths = sorted({path for _, path in targets.get("routed_experts", [])})
     router = [f"{name}.{path}" for name, path in targets.get("router", [])]

@@ -25,6 +25,8 @@ from transformers.integrations.moe import _grouped_mm as transformers_grouped_mm
 
 from .moe import Llama4XExperts
 
+_GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what torch's grouped GEMM kernel accepts
+
 
 @dataclass
 class ExpertLowRank:
@@ -105,9 +107,9 @@ def _project(
 
 def grouped_mm(x_SI: torch.Tensor, weight_EIO: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
     """Rows `offsets[e-1]:offsets[e]` of `x` times `weight[e]`, through transformers' grouped GEMM dispatcher (torch's
-    kernel where it applies, a compile-safe per-expert loop otherwise), straight to that loop where a row length is not
-    a multiple of 16 bytes (low ranks in float32), which torch's kernel rejects."""
+    kernel where it applies, a compile-safe per-expert loop otherwise), straight to that loop where torch's kernel
+    rejects the operands: a row length that is not a multiple of 16 bytes (low ranks in float32), or float64."""
     x_SI = x_SI.to(weight_EIO.dtype)
-    if all(size * x_SI.element_size() % 16 == 0 for size in weight_EIO.shape[1:]):
+    if x_SI.dtype in _GROUPED_MM_DTYPES and all(size * x_SI.element_size() % 16 == 0 for size in weight_EIO.shape[1:]):
         return transformers_grouped_mm(x_SI, weight_EIO, offs=offsets_E)
     return torch.ops.transformers.grouped_mm_fallback(x_SI, weight_EIO, offs=offsets_E)
