@@ -43,6 +43,20 @@ def test_subcommand_errors_print_one_line_without_traceback(tmp_path, capsys):
     assert "`minutes`=0" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    "argv, named",
+    [
+        (["bench", "speed", "--only", "train", "nosuch"], "--only nosuch"),
+        (["bench", "train", "--device", "gpu"], "--device 'gpu'"),
+        (["bench", "speed", "--device", "mps"], "--device 'mps'"),
+    ],
+)
+def test_bench_refuses_unknown_sections_and_devices_before_running_anything(argv, named, tmp_path, capsys):
+    assert main([*argv, "--out", str(tmp_path)]) == 1
+    assert named in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())  # nothing was benchmarked
+
+
 @pytest.mark.parametrize("argv_prefix", [["--debug"], []])
 def test_debug_flag_reraises_before_or_after_the_subcommand(tmp_path, argv_prefix):
     argv = [*argv_prefix, "generate", "--model", str(tmp_path / "missing"), "--prompt", "x"]

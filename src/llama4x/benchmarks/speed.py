@@ -489,6 +489,11 @@ def run_suite(out: str | Path, device: str = "cpu", quick: bool = False, only: l
         sections["long_context_1m_llama4x"] = lambda: bench_long_context(
             shapes, [1 << 20], dtype, device, which=("llama4x",)
         )
+    unknown = sorted(set(only or ()) - set(sections))
+    if unknown:
+        raise ValueError(
+            f"--only {' '.join(unknown)}: no such section on {device.type}; expected any of {list(sections)}."
+        )
     for name, section in sections.items():
         if only and name not in only:
             continue

@@ -35,12 +35,25 @@ def _shapes(args: argparse.Namespace) -> speed.Shapes:
     return speed.Shapes(**{item.name: getattr(args, item.name) for item in fields(speed.Shapes)})
 
 
+def _device(name: str):
+    """`--device`: cpu, or cuda (cuda:N) when a CUDA device is available."""
+    import torch
+
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {name!r}: expected cpu, cuda or cuda:N.")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: no CUDA device is available.")
+    return device
+
+
 def _device_and_dtype(args: argparse.Namespace):
     import torch
 
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: no CUDA device is available.")
+    device = _device(args.device)
     # decode-overhead counts the GPU path: bfloat16 everywhere (float32 on CPU takes `experts_cpu`'s loop).
     bf16_default = device.type == "cuda" or args.speed_command == "decode-overhead"
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[
@@ -179,7 +192,7 @@ def run_speed_command(args: argparse.Namespace) -> int:
 
 
 def run_speed_suite(args: argparse.Namespace) -> int:
-    results = speed.run_suite(args.out, device=args.device, quick=args.quick, only=args.only)
+    results = speed.run_suite(args.out, device=_device(args.device), quick=args.quick, only=args.only)
     print_table({key: value for key, value in results.items() if key not in ("environment", "shapes", "dtype")})
     return 0
 
