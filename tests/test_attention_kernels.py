@@ -97,3 +97,19 @@ def test_blockwise_chunked_sdpa_matches_the_dense_masked_eager_reference(padding
     real = attention_mask.bool()
     diff = (logits - reference)[real].abs().max().item()
     assert torch.allclose(logits[real], reference[real], rtol=1e-5, atol=1e-5), f"max diff {diff}"
+
+
+@pytest.mark.parametrize("kernel", ["eager", "sdpa"])
+def test_packed_sequences_give_the_logits_of_each_sequence_alone(kernel):
+    """Sequences packed in one row without a mask, told apart by position ids that restart (as transformers'
+    `DataCollatorWithFlattening` gives them), attend only within themselves, chunked layers included."""
+    model = tiny_model(use_scalable_softmax=True)
+    model.set_attn_implementation(kernel)
+    lengths = (13, 19)  # 32 tokens in 4 chunks of 8; the second sequence starts inside a chunk
+    sequences = [random_ids(1, length, seed=length) for length in lengths]
+    position_ids = torch.cat([torch.arange(length) for length in lengths])[None]
+    with torch.no_grad():
+        packed = model(input_ids=torch.cat(sequences, dim=1), position_ids=position_ids, use_cache=False).logits
+        alone = torch.cat([model(input_ids=ids, use_cache=False).logits for ids in sequences], dim=1)
+    diff = (packed - alone).abs().max().item()
+    assert torch.allclose(packed, alone, rtol=1e-5, atol=1e-5), f"max diff {diff}"

@@ -27,6 +27,7 @@ INVALID_CASES = [
     ({"use_qk_norm": "layer"}, "use_qk_norm"),
     ({"router_score_func": "relu"}, "router_score_func"),
     ({"norm_placement": "sandwich"}, "norm_placement"),
+    ({"hidden_act": "swiglu"}, "hidden_act"),
     ({"head_dim": 7}, "head_dim"),
     ({"attention_dropout": 1.0}, "attention_dropout"),
     ({"attention_dropout": -0.1}, "attention_dropout"),

@@ -177,3 +177,37 @@ def test_missing_shard_is_named(tmp_path):
     shard.unlink()
     with pytest.raises(ValueError, match=f"missing shards .*{shard.name}"):
         AutoModelForCausalLM.from_pretrained(tmp_path)
+
+
+def test_dynamic_rope_runs_beyond_max_position_embeddings_with_the_ntk_scaled_base():
+    """Dynamic NTK RoPE exists for sequences longer than `max_position_embeddings`: it raises the base there to
+    `theta * (factor * n / max - (factor - 1)) ** (D / (D - 2))` for n tokens. The same weights with that base as a
+    plain RoPE give the reference."""
+    theta, factor, max_positions, n, head_dim = 10000.0, 2.0, 16, 24, 8
+    dynamic = tiny_model(
+        max_position_embeddings=max_positions,
+        rope_parameters={"rope_type": "dynamic", "rope_theta": theta, "factor": factor},
+    )
+    scaled_theta = theta * (factor * n / max_positions - (factor - 1)) ** (head_dim / (head_dim - 2))
+    reference = tiny_model(rope_parameters={"rope_type": "default", "rope_theta": scaled_theta})
+    input_ids = random_ids(1, n)
+    with torch.no_grad():
+        logits, expected = dynamic(input_ids=input_ids).logits, reference(input_ids=input_ids).logits
+    diff = (logits - expected).abs().max().item()
+    assert torch.allclose(logits, expected, rtol=1e-5, atol=1e-5), f"max diff {diff}"
+
+
+def test_packed_sequences_are_bounded_by_their_positions_not_the_row_length():
+    """Packed sequences (position ids restarting in a row, as transformers' `DataCollatorWithFlattening` gives them)
+    may fill a row longer than `max_position_embeddings`; a position beyond it is refused however short the row."""
+    model = tiny_model(max_position_embeddings=24)
+    lengths = (13, 19)  # 32 tokens in one row, each sequence within 24 positions
+    sequences = [random_ids(1, length, seed=length) for length in lengths]
+    position_ids = torch.cat([torch.arange(length) for length in lengths])[None]
+    with torch.no_grad():
+        packed = model(input_ids=torch.cat(sequences, dim=1), position_ids=position_ids, use_cache=False).logits
+        alone = torch.cat([model(input_ids=ids).logits for ids in sequences], dim=1)
+    diff = (packed - alone).abs().max().item()
+    assert torch.allclose(packed, alone, rtol=1e-5, atol=1e-5), f"max diff {diff}"
+    with pytest.raises(ValueError, match="position 24, outside \\[0, max_position_embeddings=24\\)"):
+        model(input_ids=random_ids(1, 3), position_ids=torch.tensor([[22, 23, 24]]))

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from transformers.masking_utils import find_packed_sequence_indices
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 
@@ -66,15 +67,23 @@ class BlockwiseChunks:
 
 
 def blockwise_chunks_for(
-    attention_mask: torch.Tensor | None, seq_len: int, past_seen: int, chunk_size: int
+    attention_mask: torch.Tensor | None,
+    position_ids: torch.Tensor | None,
+    seq_len: int,
+    past_seen: int,
+    chunk_size: int,
 ) -> BlockwiseChunks | None:
     """A `BlockwiseChunks` when a chunked layer can skip its dense mask here, else None: the whole sequence is
-    processed at once (nothing cached before), it spans more than one chunk, and each row's real tokens are
-    contiguous (left or right padding only; right padding needs no mask since causality never reaches it). Under
-    `torch.compile` a padding mask always takes the dense mask: checking it would read its values."""
+    processed at once (nothing cached before), it spans more than one chunk, each row's real tokens are
+    contiguous (left or right padding only; right padding needs no mask since causality never reaches it), and
+    `position_ids (B, S)` (given without a mask) do not restart within a row: packed sequences take the dense mask,
+    which keeps them apart. Under `torch.compile` a padding mask or position ids always take the dense mask:
+    checking them would read their values."""
     if seq_len <= chunk_size or past_seen != 0:  # decoding steps leave here first (compile-friendly)
         return None
     if attention_mask is None:
+        if position_ids is not None and find_packed_sequence_indices(position_ids) is not None:
+            return None
         return BlockwiseChunks(chunk_size)
     if not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2:
         return None

@@ -218,6 +218,8 @@ class Llama4XTextConfig(PreTrainedConfig):
         if self.head_dim % 2 != 0:
             _fail("head_dim", self.head_dim, "an even number (RoPE rotates pairs of dimensions)")
         _check_probability(self, "attention_dropout", "residual_dropout")
+        if self.hidden_act not in ACT2FN:
+            _fail("hidden_act", self.hidden_act, "an activation name known to transformers' ACT2FN")
         if self.use_qk_norm not in QK_NORM_TYPES:
             _fail("use_qk_norm", self.use_qk_norm, f"one of {QK_NORM_TYPES}")
         if self.norm_placement not in NORM_PLACEMENTS:

@@ -421,15 +421,16 @@ class Llama4XTextModel(Llama4XPreTrainedModel):
         if use_cache and cache is None:
             cache = DynamicCache(config=self.config)
         past_seen = cache.get_seq_length() if cache is not None else 0
-        check_text_inputs(self.config, input_ids, inputs_embeds, attention_mask, past_seen)
+        check_text_inputs(self.config, input_ids, inputs_embeds, attention_mask, position_ids, past_seen)
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)  # (B, S, H)
+        masks = attention_mask
+        if not isinstance(masks, dict):  # `generate` may have prepared them already
+            # The caller's position ids only: they may mark packed sequences, the default ones cannot.
+            masks = self._attention_masks(inputs_embeds, attention_mask, cache, position_ids, past_seen)
         if position_ids is None:
             position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen
             position_ids = position_ids.unsqueeze(0)  # (1, S)
-        masks = attention_mask
-        if not isinstance(masks, dict):  # `generate` may have prepared them already
-            masks = self._attention_masks(inputs_embeds, attention_mask, cache, position_ids, past_seen)
 
         hidden_states = inputs_embeds
         position_embeddings = self.rotary_emb(hidden_states, position_ids)
@@ -470,7 +471,9 @@ class Llama4XTextModel(Llama4XPreTrainedModel):
             return {"full_attention": masks["full_attention"], "chunked_attention": masks["full_attention"]}
         masks = {}
         if self.config._attn_implementation == "sdpa":
-            blockwise = blockwise_chunks_for(attention_mask, seq_len, past_seen, chunk)
+            # transformers' masks keep packed sequences apart (position ids restarting in a row) only without a cache
+            packed_position_ids = position_ids if cache is None else None
+            blockwise = blockwise_chunks_for(attention_mask, packed_position_ids, seq_len, past_seen, chunk)
             if blockwise is not None:
                 masks["chunked_attention"] = blockwise
         kinds -= set(masks)

@@ -1,8 +1,8 @@
 """Checks of user inputs to the decoder, with errors that name the problem.
 
-Value checks (token-id range, finite embeddings) read the tensors back, so they run on whole-sequence calls
-(training, prefill) only: a decoding step feeds the model's own argmax/sampled ids, which are in range, and stays
-free of host synchronisation. Nothing runs under `torch.compile`.
+Value checks (token-id range, finite embeddings, largest position id) read the tensors back, so they run on
+whole-sequence calls (training, prefill) only: a decoding step feeds the model's own argmax/sampled ids, which are in
+range, and stays free of host synchronisation. Nothing runs under `torch.compile`.
 """
 
 import torch
@@ -16,6 +16,7 @@ def check_text_inputs(
     input_ids: torch.Tensor | None,
     inputs_embeds: torch.Tensor | None,
     attention_mask: torch.Tensor | None,
+    position_ids: torch.Tensor | None,
     past_seen: int,
 ) -> None:
     """Raise `ValueError`/`TypeError` for inputs the decoder would mis-handle or crash on obscurely."""
@@ -42,11 +43,26 @@ def check_text_inputs(
                 f"`attention_mask` has shape {tuple(attention_mask.shape)}; expected (batch, past + current tokens) "
                 f"= {expected}."
             )
-    if past_seen + seq_len > config.max_position_embeddings:
+    # Dynamic NTK RoPE is made for longer sequences: it raises its base beyond max_position_embeddings.
+    if config.rope_parameters.get("rope_type") != "dynamic":
+        _check_positions(config, position_ids, past_seen, seq_len)
+
+
+def _check_positions(
+    config: Llama4XTextConfig, position_ids: torch.Tensor | None, past_seen: int, seq_len: int
+) -> None:
+    limit = config.max_position_embeddings
+    advice = "raise it in the config (with a RoPE scaling in `rope_parameters` if the model was trained shorter)."
+    if position_ids is not None and seq_len > 1:  # packed sequences fill a row longer than each of them
+        last = int(position_ids.max())  # one read-back (a host sync on GPUs)
+        if last >= limit:
+            raise ValueError(
+                f"`position_ids` holds position {last}, outside [0, max_position_embeddings={limit}); {advice}"
+            )
+    elif past_seen + seq_len > limit:
         raise ValueError(
             f"Sequence of {past_seen + seq_len} tokens ({past_seen} cached + {seq_len} new) exceeds "
-            f"max_position_embeddings={config.max_position_embeddings}; raise it in the config (with a RoPE scaling "
-            "in `rope_parameters` if the model was trained shorter)."
+            f"max_position_embeddings={limit}; {advice}"
         )
 
 
