@@ -139,3 +139,17 @@ def test_model_logits_equal_with_the_loop_and_with_torchs_grouped_gemm(monkeypat
         monkeypatch.setattr(experts_cpu, "MAX_PAIRS", 0)
         with_grouped_gemm = model(ids).logits
     assert (with_loop - with_grouped_gemm).abs().max() < 1e-5
+
+
+def test_float64_model_with_the_default_experts_matches_the_eager_loop():
+    """torch's grouped GEMM takes no float64: the default `grouped_mm` runs the per-expert loop there instead of
+    failing, in inference and in training (gradients)."""
+    ids = random_ids(2, 9)
+    models = {impl: tiny_model(seed=3, dtype=torch.float64) for impl in ("grouped_mm", "eager")}
+    models["eager"].set_experts_implementation("eager")
+    losses = {impl: model(ids, labels=ids).loss for impl, model in models.items()}
+    for loss in losses.values():
+        loss.backward()
+    assert torch.allclose(losses["grouped_mm"], losses["eager"], rtol=1e-12, atol=0)
+    grads = {impl: model.model.layers[0].feed_forward.experts.gate_up_proj.grad for impl, model in models.items()}
+    assert torch.allclose(grads["grouped_mm"], grads["eager"], rtol=1e-10, atol=1e-14)

@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from .moe import Llama4XExperts
 
 MAX_PAIRS = 128  # above this torch's grouped GEMM is as fast or faster (measured, see above)
+GROUPED_GEMM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what torch's grouped GEMM kernel takes
 
 
 def use_cpu_expert_loop(experts: Llama4XExperts, hidden_TH: torch.Tensor, top_k_index_TK: torch.Tensor) -> bool:
@@ -80,8 +81,9 @@ def cpu_expert_loop(
 def grouped_mm_or_cpu_expert_loop(
     experts: Llama4XExperts, hidden_TH: torch.Tensor, top_k_index_TK: torch.Tensor, top_k_weights_TK: torch.Tensor
 ) -> torch.Tensor:
-    """llama4x's `grouped_mm`: `cpu_expert_loop` where `use_cpu_expert_loop` says so, else transformers' own."""
-    if use_cpu_expert_loop(experts, hidden_TH, top_k_index_TK):
+    """llama4x's `grouped_mm`: `cpu_expert_loop` where `use_cpu_expert_loop` says so or where torch's grouped GEMM
+    takes no such dtype (float64, on any device: the loop is exact there too), else transformers' own."""
+    if hidden_TH.dtype not in GROUPED_GEMM_DTYPES or use_cpu_expert_loop(experts, hidden_TH, top_k_index_TK):
         return cpu_expert_loop(experts, hidden_TH, top_k_index_TK, top_k_weights_TK)
     return ALL_EXPERTS_FUNCTIONS["grouped_mm"](experts, hidden_TH, top_k_index_TK, top_k_weights_TK)
 

@@ -23,9 +23,8 @@ import torch
 from torch import nn
 from transformers.integrations.moe import _grouped_mm as transformers_grouped_mm
 
+from .experts_cpu import GROUPED_GEMM_DTYPES
 from .moe import Llama4XExperts
-
-_GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what torch's grouped GEMM kernel accepts
 
 
 @dataclass
@@ -110,6 +109,7 @@ def grouped_mm(x_SI: torch.Tensor, weight_EIO: torch.Tensor, offsets_E: torch.Te
     kernel where it applies, a compile-safe per-expert loop otherwise), straight to that loop where torch's kernel
     rejects the operands: a row length that is not a multiple of 16 bytes (low ranks in float32), or float64."""
     x_SI = x_SI.to(weight_EIO.dtype)
-    if x_SI.dtype in _GROUPED_MM_DTYPES and all(size * x_SI.element_size() % 16 == 0 for size in weight_EIO.shape[1:]):
+    aligned = all(size * x_SI.element_size() % 16 == 0 for size in weight_EIO.shape[1:])
+    if aligned and x_SI.dtype in GROUPED_GEMM_DTYPES:
         return transformers_grouped_mm(x_SI, weight_EIO, offs=offsets_E)
     return torch.ops.transformers.grouped_mm_fallback(x_SI, weight_EIO, offs=offsets_E)
