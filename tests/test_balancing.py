@@ -157,6 +157,14 @@ def test_bias_update_moves_an_overloaded_expert_toward_the_mean():
     assert loads[-1] < loads[0] / 4, f"expert 0 load went {loads[0]} -> {loads[-1]}"
 
 
+def test_bias_rate_set_after_building_is_refused_at_the_first_step_by_name():
+    model = tiny_model(num_experts_per_tok=1).train()  # built without the balancing bias
+    model.config.router_bias_update_rate = 0.01
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    with pytest.raises(ValueError, match="router_bias_update_rate"):
+        _train_step(model, optimizer, 1, 0)
+
+
 def test_one_bias_update_per_optimizer_step_from_all_micro_batches():
     rate = 0.01
     model = tiny_model(num_experts_per_tok=1, router_bias_update_rate=rate).train()

@@ -516,6 +516,12 @@ class Llama4XTextModel(Llama4XPreTrainedModel):
         step automatically; see `balancing.py`)."""
         if self._expert_load_totals is None:
             return
+        if self.moe_blocks[0].e_score_correction_bias is None:
+            raise ValueError(
+                f"`router_bias_update_rate`={self.config.router_bias_update_rate} was set after this model was built "
+                "without the balancing bias; set it when building or loading the model (`from_pretrained(..., "
+                "router_bias_update_rate=...)`)."
+            )
         pending_LE = self._expert_load_totals[0]
         load_LE = all_reduce_load(pending_LE.clone())
         for block, load_E in zip(self.moe_blocks, load_LE):
