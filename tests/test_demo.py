@@ -9,13 +9,22 @@ import time
 from pathlib import Path
 
 import pytest
-from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForImageTextToText,
+    AutoProcessor,
+    AutoTokenizer,
+    default_data_collator,
+)
 
 import llama4x
 from llama4x import demo
 from llama4x.cli import main
 from llama4x.data import block_batches
+from llama4x.distillation_cache import prepare_teacher_cache
 from llama4x.evaluation import perplexity
+from tiny import tiny_model
 
 pytest.importorskip("sklearn", reason="the demo's digits data needs scikit-learn (the `demo` extra)")
 
@@ -192,6 +201,17 @@ def test_stop_after_runs_the_first_stages_and_the_report_and_a_full_rerun_contin
     assert calls == ["lora", "distill", "report"]
 
 
+def test_a_redone_stage_stopped_early_leaves_no_later_marker_for_the_next_run_to_skip(tmp_path, fake_stages):
+    calls, _ = fake_stages
+    settings = demo.DemoSettings.create(quick=True)
+    demo.run_demo(tmp_path, settings, verbose=False)
+    (tmp_path / "stages" / "teacher.json").unlink()  # redo the teacher, but only the teacher this time
+    demo.run_demo(tmp_path, settings, stop_after="teacher", verbose=False)
+    calls.clear()
+    demo.run_demo(tmp_path, settings, verbose=False)  # evaluate, lora and distill used the old teacher
+    assert calls == ["evaluate", "lora", "distill", "report"]
+
+
 def test_a_failed_stage_names_itself_keeps_the_finished_stages_and_resumes_there(tmp_path, fake_stages):
     calls, fail = fake_stages
     settings = demo.DemoSettings.create(quick=True)
@@ -219,6 +239,23 @@ def test_other_settings_in_the_same_folder_are_refused(tmp_path, fake_stages):
     demo.run_demo(tmp_path, demo.DemoSettings.create(quick=True), verbose=False)
     with pytest.raises(ValueError, match=r"other settings \(quick: True there, False now"):
         demo.run_demo(tmp_path, demo.DemoSettings.create(quick=False), verbose=False)
+
+
+def test_report_times_and_saved_models_are_those_of_the_reported_stages_only(tmp_path):
+    from llama4x.demo_report import write_report
+
+    # A folder where a full run was done before a rerun with --stop-after tokenizer: old markers and models remain.
+    for stage, seconds in (("tokenizer", 2.0), ("teacher", 30.0), ("lora", 5.0), ("report", 3.0)):
+        demo._write_json(tmp_path / "stages" / f"{stage}.json", {"stage": stage, "seconds": seconds, "result": {}})
+    for folder in ("tokenizer", "teacher", "lora_parity"):
+        (tmp_path / folder).mkdir()
+    tokenizer = {"vocab_size": 2048, "special_tokens": {}, "train_documents": 71, "eval_documents": 8,
+                 "train_tokens": 1000, "eval_tokens": 100, "eval_chars_per_token": 3.5, "round_trip": True}  # fmt: skip
+    write_report(tmp_path, demo.DemoSettings.create(quick=True), {"tokenizer": tokenizer})
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["stage_seconds"] == {"tokenizer": 2.0} and report["total_seconds"] == 2.0
+    assert list(report["saved"]) == ["tokenizer/"]
+    assert "| teacher |" not in (tmp_path / "report.md").read_text()
 
 
 @pytest.mark.parametrize(
@@ -261,3 +298,44 @@ def test_lr_schedule_warms_up_then_decays_to_the_floor():
     assert demo.lr_factor(1.0) == pytest.approx(0.1)
     values = [demo.lr_factor(i / 100) for i in range(5, 101)]
     assert all(a >= b for a, b in zip(values, values[1:]))
+
+
+# ---- the offline distillation cache (llama4x.distillation_cache) ---------------------------------------------------
+
+
+def _cache_rows(rows: list[list[int]], length: int = 4) -> list[dict]:
+    """Text rows of the given token ids, right-padded with 0 to `length`."""
+    return [{"input_ids": torch.tensor(ids + [0] * (length - len(ids))),
+             "attention_mask": torch.tensor([1] * len(ids) + [0] * (length - len(ids)))} for ids in rows]  # fmt: skip
+
+
+def _cached_logits_are_the_teachers(cache, teacher, rows: list[dict]) -> None:
+    batch = default_data_collator(rows)
+    with torch.no_grad():
+        logits = teacher(**batch).logits
+    for row, mask in enumerate(batch["attention_mask"]):
+        values, _ = cache[row]
+        expected = logits[row, mask.bool()].topk(values.shape[-1], dim=-1).values
+        assert values.shape == expected.shape, (
+            f"row {row}: cached {tuple(values.shape)}, wanted {tuple(expected.shape)}"
+        )
+        diff = (values - expected).abs().max().item()
+        assert diff < 1e-5, f"row {row}: cached logits differ from the teacher's by {diff}"
+
+
+def test_teacher_cache_is_rebuilt_for_a_teacher_with_other_balancing_biases(tmp_path):
+    teacher, rows = tiny_model(router_bias_update_rate=1e-3), _cache_rows([[5, 6, 7], [9, 10]])
+    prepare_teacher_cache(teacher, rows, default_data_collator, tmp_path, top_k=5, vocab_size=97)
+    biases = [b for name, b in teacher.named_buffers() if name.endswith("e_score_correction_bias")]
+    for bias in biases:  # same weights, other routing: other logits
+        bias.copy_(torch.linspace(-1.0, 1.0, bias.numel()))
+    cache = prepare_teacher_cache(teacher, rows, default_data_collator, tmp_path, top_k=5, vocab_size=97)
+    _cached_logits_are_the_teachers(cache, teacher, rows)
+
+
+def test_teacher_cache_is_rebuilt_for_the_same_tokens_cut_into_other_rows(tmp_path):
+    teacher = tiny_model()
+    prepare_teacher_cache(teacher, _cache_rows([[5, 6, 7], [9]]), default_data_collator, tmp_path, 5, 97)
+    rows = _cache_rows([[5, 6], [7, 9]])
+    cache = prepare_teacher_cache(teacher, rows, default_data_collator, tmp_path, top_k=5, vocab_size=97)
+    _cached_logits_are_the_teachers(cache, teacher, rows)

@@ -21,7 +21,8 @@ Stages, each writing its outputs to the run folder and then a marker `stages/<st
 6. report     `report.md`, `report.json` and PNG plots (`llama4x.demo_report`).
 
 A rerun into the same folder with the same settings skips the stages whose marker exists (and redoes every stage
-after the first one it redoes); other settings in the same folder are refused. Folder layout:
+after the first one it redoes: their markers are removed when it starts, so a later rerun redoes them too, even after
+`--stop-after` or a kill); other settings in the same folder are refused. Folder layout:
 
     settings.json           the settings of the run (a resumed run must match them)
     stages/<stage>.json     marker and results of each finished stage
@@ -885,6 +886,9 @@ def _run_stages(out: Path, settings: DemoSettings, stop_after: str | None, verbo
             rows.append({"stage": name, "status": "skipped (done)", "seconds": saved["seconds"]})
             say(f"[{index}/{len(selected)}] {name}: already done in {out} ({saved['seconds']:.0f} s), skipped")
             continue
+        if not redo:  # the later stages' markers describe outputs built on the ones this stage replaces
+            for later in STAGES[STAGES.index(name) + 1 :]:
+                (out / "stages" / f"{later}.json").unlink(missing_ok=True)
         redo = True
         say(f"[{index}/{len(selected)}] {name}: {STAGE_TITLES[name]}")
         start = time.perf_counter()

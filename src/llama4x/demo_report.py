@@ -222,9 +222,10 @@ def targets(settings, results: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return checks
 
 
-def _stage_seconds(out: Path) -> dict[str, float]:
+def _stage_seconds(out: Path, stages: list[str]) -> dict[str, float]:
+    """The times of the reported `stages` (not those of other markers in `out`: stages left out, an older report)."""
     seconds = {}
-    for stage in ("tokenizer", "teacher", "evaluate", "lora", "distill", "report"):
+    for stage in stages:
         marker = out / "stages" / f"{stage}.json"
         if marker.is_file():
             seconds[stage] = json.loads(marker.read_text())["seconds"]
@@ -350,12 +351,19 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+# folder: (the stage that writes it, what it holds)
 SAVED = {
-    "tokenizer/": "AutoTokenizer",
-    "teacher/": "AutoModelForImageTextToText + AutoProcessor (the MoE teacher)",
-    "lora_parity/": "PEFT adapter: PeftModel.from_pretrained(teacher, 'lora_parity')",
-    "students/llama4x/": "AutoModelForImageTextToText + AutoProcessor (dense llama4x student; labels_only/ inside)",
-    "students/llama/": "AutoModelForCausalLM + AutoTokenizer (LlamaForCausalLM student; labels_only/ inside)",
+    "tokenizer/": ("tokenizer", "AutoTokenizer"),
+    "teacher/": ("teacher", "AutoModelForImageTextToText + AutoProcessor (the MoE teacher)"),
+    "lora_parity/": ("lora", "PEFT adapter: PeftModel.from_pretrained(teacher, 'lora_parity')"),
+    "students/llama4x/": (
+        "distill",
+        "AutoModelForImageTextToText + AutoProcessor (dense llama4x student; labels_only/ inside)",
+    ),
+    "students/llama/": (
+        "distill",
+        "AutoModelForCausalLM + AutoTokenizer (LlamaForCausalLM student; labels_only/ inside)",
+    ),
 }
 
 
@@ -382,7 +390,7 @@ def write_report(out: str | Path, settings, results: dict[str, Any]) -> dict[str
         plot_digit_answers(test, results, plots_dir / "digits_answers.png")
         plot_accuracy(results, plots_dir / "accuracy.png")
         plots += ["expert_load.png", "accuracy.png", "digits_answers.png"]
-    seconds = _stage_seconds(out)
+    seconds = _stage_seconds(out, stages)
     report = {
         "settings": dataclasses.asdict(settings),
         "versions": versions(),
@@ -396,7 +404,7 @@ def write_report(out: str | Path, settings, results: dict[str, Any]) -> dict[str
         "lora": results.get("lora"),
         "distillation": results.get("distill"),
         "plots": plots,
-        "saved": {path: what for path, what in SAVED.items() if (out / path).is_dir()},
+        "saved": {path: what for path, (stage, what) in SAVED.items() if stage in results},
     }
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     (out / "report.md").write_text(markdown(report))

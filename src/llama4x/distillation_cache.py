@@ -45,6 +45,7 @@ def _token_positions(batch: dict[str, torch.Tensor]) -> list[torch.Tensor]:
 
 def _hash_batch(digest, batch: dict[str, torch.Tensor]) -> None:
     for ids, positions in zip(batch["input_ids"].cpu(), _token_positions(batch)):
+        digest.update(len(positions).to_bytes(8, "little"))  # the same tokens cut into other rows are other data
         digest.update(ids[positions].to(torch.int64).numpy().tobytes())
     if batch.get("pixel_values") is not None:
         digest.update(batch["pixel_values"].float().cpu().numpy().tobytes())
@@ -59,11 +60,12 @@ def data_fingerprint(dataset, collator: Callable, batch_size: int) -> str:
 
 
 def teacher_fingerprint(teacher: torch.nn.Module) -> str:
-    """sha256 of the teacher's config and of a strided sample of up to 256 values of each parameter: tells teachers
-    apart without reading every weight."""
+    """sha256 of the teacher's config and of a strided sample of up to 256 values of each tensor of its state dict
+    (parameters and saved buffers, such as the balancing biases that steer the routing): tells teachers apart without
+    reading every weight."""
     digest = hashlib.sha256(teacher.config.to_json_string(use_diff=False).encode())
-    for name, param in teacher.named_parameters():
-        flat = param.detach().reshape(-1)
+    for name, tensor in teacher.state_dict().items():
+        flat = tensor.detach().reshape(-1)
         digest.update(name.encode())
         digest.update(flat[:: max(1, flat.numel() // 256)][:256].float().cpu().numpy().tobytes())
     return digest.hexdigest()
