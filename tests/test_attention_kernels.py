@@ -4,8 +4,9 @@ import pytest
 import torch
 import torch._inductor.exc
 
+from llama4x._compat import PACKED_CHUNKED_MASKS
 from llama4x.chunked_attention import BlockwiseChunks
-from tiny import random_ids, tiny_model
+from tiny import needs_packed_chunked_masks, random_ids, tiny_model
 
 # torch 2.13's inductor emits C++ that does not compile for flex attention's unpadded chunked mask on CPU
 # ("operands to ?: have different types VecMask<int> and VecMask<float>"); the padded mask compiles.
@@ -99,6 +100,7 @@ def test_blockwise_chunked_sdpa_matches_the_dense_masked_eager_reference(padding
     assert torch.allclose(logits[real], reference[real], rtol=1e-5, atol=1e-5), f"max diff {diff}"
 
 
+@needs_packed_chunked_masks
 @pytest.mark.parametrize("kernel", ["eager", "sdpa"])
 def test_packed_sequences_give_the_logits_of_each_sequence_alone(kernel):
     """Sequences packed in one row without a mask, told apart by position ids that restart (as transformers'
@@ -113,3 +115,13 @@ def test_packed_sequences_give_the_logits_of_each_sequence_alone(kernel):
         alone = torch.cat([model(input_ids=ids, use_cache=False).logits for ids in sequences], dim=1)
     diff = (packed - alone).abs().max().item()
     assert torch.allclose(packed, alone, rtol=1e-5, atol=1e-5), f"max diff {diff}"
+
+
+@pytest.mark.skipif(PACKED_CHUNKED_MASKS, reason="transformers >= 5.23 masks packed sequences in chunked layers")
+@pytest.mark.parametrize("kernel", ["eager", "sdpa"])
+def test_packed_sequences_are_refused_where_transformers_cannot_mask_their_chunks(kernel):
+    model = tiny_model()
+    model.set_attn_implementation(kernel)
+    position_ids = torch.cat([torch.arange(13), torch.arange(19)])[None]  # 32 tokens in 4 chunks of 8
+    with pytest.raises(ValueError, match="restart within a row"):
+        model(input_ids=random_ids(1, 32), position_ids=position_ids, use_cache=False)

@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM
 
 from llama4x import Llama4XForCausalLM, Llama4XTextConfig
 from llama4x.moe import route
-from tiny import random_ids, tiny_model, tiny_text_config
+from tiny import needs_packed_chunked_masks, random_ids, tiny_model, tiny_text_config
 
 
 @pytest.fixture(scope="module")
@@ -197,9 +197,10 @@ def test_dynamic_rope_runs_beyond_max_position_embeddings_with_the_ntk_scaled_ba
     assert torch.allclose(logits, expected, rtol=1e-5, atol=1e-5), f"max diff {diff}"
 
 
+@needs_packed_chunked_masks
 def test_packed_sequences_are_bounded_by_their_positions_not_the_row_length():
     """Packed sequences (position ids restarting in a row, as transformers' `DataCollatorWithFlattening` gives them)
-    may fill a row longer than `max_position_embeddings`; a position beyond it is refused however short the row."""
+    may fill a row longer than `max_position_embeddings`."""
     model = tiny_model(max_position_embeddings=24)
     lengths = (13, 19)  # 32 tokens in one row, each sequence within 24 positions
     sequences = [random_ids(1, length, seed=length) for length in lengths]
@@ -209,5 +210,9 @@ def test_packed_sequences_are_bounded_by_their_positions_not_the_row_length():
         alone = torch.cat([model(input_ids=ids).logits for ids in sequences], dim=1)
     diff = (packed - alone).abs().max().item()
     assert torch.allclose(packed, alone, rtol=1e-5, atol=1e-5), f"max diff {diff}"
+
+
+def test_a_position_id_beyond_max_position_embeddings_is_refused_however_short_the_row():
+    model = tiny_model(max_position_embeddings=24)
     with pytest.raises(ValueError, match="position 24, outside \\[0, max_position_embeddings=24\\)"):
         model(input_ids=random_ids(1, 3), position_ids=torch.tensor([[22, 23, 24]]))

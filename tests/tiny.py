@@ -5,6 +5,7 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
 import torch
 
 from llama4x import (
@@ -13,6 +14,12 @@ from llama4x import (
     Llama4XForConditionalGeneration,
     Llama4XTextConfig,
     Llama4XVisionConfig,
+)
+from llama4x._compat import PACKED_CHUNKED_MASKS
+
+# transformers masks packed sequences (position ids restarting in a row) in chunked layers from 5.23 on.
+needs_packed_chunked_masks = pytest.mark.skipif(
+    not PACKED_CHUNKED_MASKS, reason="packed sequences in chunked layers need transformers >= 5.23 (refused before)"
 )
 
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+import transformers
 from transformers.masking_utils import find_packed_sequence_indices
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
@@ -98,3 +99,13 @@ def blockwise_chunks_for(
     if not all_contiguous:
         return None  # padding between real tokens: use the dense mask
     return BlockwiseChunks(chunk_size, left_B if any_left_padding else None)
+
+
+def refuse_packed_sequences(position_ids: torch.Tensor) -> None:
+    """ValueError for packed sequences in chunked layers where transformers cannot mask them (before 5.23, its chunks
+    follow the row, not each sequence), rather than silently different attention. Not under `torch.compile`."""
+    if not torch.compiler.is_compiling() and find_packed_sequence_indices(position_ids) is not None:
+        raise ValueError(
+            f"`position_ids` restart within a row (packed sequences), which chunked attention layers support from "
+            f"transformers 5.23 on (this is {transformers.__version__}); upgrade, or pass one sequence per row."
+        )

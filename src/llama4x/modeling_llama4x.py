@@ -22,7 +22,7 @@ from transformers.utils import TransformersKwargs, logging
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
-from ._compat import CACHE_FIELD
+from ._compat import CACHE_FIELD, PACKED_CHUNKED_MASKS
 from .balancing import (
     all_reduce_load,
     balancing_losses,
@@ -32,7 +32,7 @@ from .balancing import (
     watch_for_bias_updates,
 )
 from .checkpoints import refuse_pickle_weights, save_staged, verify_safetensors_folder
-from .chunked_attention import BlockwiseChunks, blockwise_chunks_for
+from .chunked_attention import BlockwiseChunks, blockwise_chunks_for, refuse_packed_sequences
 from .configuration_llama4x import Llama4XTextConfig
 from .moe import Llama4XExperts, Llama4XMLP, Llama4XMoE
 from .validation import check_text_inputs
@@ -469,10 +469,12 @@ class Llama4XTextModel(Llama4XPreTrainedModel):
                 self.config, inputs_embeds, attention_mask, cache, position_ids, {"full_attention"}
             )
             return {"full_attention": masks["full_attention"], "chunked_attention": masks["full_attention"]}
+        # transformers' masks keep packed sequences apart (position ids restarting in a row) only without a cache
+        packed_position_ids = position_ids if cache is None else None
+        if packed_position_ids is not None and attention_mask is None and not PACKED_CHUNKED_MASKS:
+            refuse_packed_sequences(packed_position_ids)
         masks = {}
         if self.config._attn_implementation == "sdpa":
-            # transformers' masks keep packed sequences apart (position ids restarting in a row) only without a cache
-            packed_position_ids = position_ids if cache is None else None
             blockwise = blockwise_chunks_for(attention_mask, packed_position_ids, seq_len, past_seen, chunk)
             if blockwise is not None:
                 masks["chunked_attention"] = blockwise
