@@ -18,6 +18,7 @@ from llama4x.distillation import (
     init_student_from_teacher,
     student_config,
 )
+from llama4x.distillation_cache import prepare_teacher_cache
 from llama4x.distillation_losses import HiddenStateAligner, TeacherTopK, distillation_loss
 from llama4x.distillation_students import interleaved_to_rotate_half, merged_expert_ffn, select_layers
 from tiny import (
@@ -624,3 +625,44 @@ def test_distill_job_on_a_multimodal_teacher_distills_with_images_and_reports_di
     student = Llama4XForConditionalGeneration.from_pretrained(tmp_path / "out")
     assert student.config.text_config.moe_layers == [] and student.config.text_config.num_hidden_layers == 2
     assert (tmp_path / "out" / "processor_config.json").is_file() or (tmp_path / "out" / "tokenizer.json").is_file()
+
+
+# ---- the offline distillation cache (llama4x.distillation_cache) ---------------------------------------------------
+
+
+def _cache_rows(rows: list[list[int]], length: int = 4) -> list[dict]:
+    """Text rows of the given token ids, right-padded with 0 to `length`."""
+    return [{"input_ids": torch.tensor(ids + [0] * (length - len(ids))),
+             "attention_mask": torch.tensor([1] * len(ids) + [0] * (length - len(ids)))} for ids in rows]  # fmt: skip
+
+
+def _cached_logits_are_the_teachers(cache, teacher, rows: list[dict]) -> None:
+    batch = default_data_collator(rows)
+    with torch.no_grad():
+        logits = teacher(**batch).logits
+    for row, mask in enumerate(batch["attention_mask"]):
+        values, _ = cache[row]
+        expected = logits[row, mask.bool()].topk(values.shape[-1], dim=-1).values
+        assert values.shape == expected.shape, (
+            f"row {row}: cached {tuple(values.shape)}, wanted {tuple(expected.shape)}"
+        )
+        diff = (values - expected).abs().max().item()
+        assert diff < 1e-5, f"row {row}: cached logits differ from the teacher's by {diff}"
+
+
+def test_teacher_cache_is_rebuilt_for_a_teacher_with_other_balancing_biases(tmp_path):
+    teacher, rows = tiny_model(router_bias_update_rate=1e-3), _cache_rows([[5, 6, 7], [9, 10]])
+    prepare_teacher_cache(teacher, rows, default_data_collator, tmp_path, top_k=5, vocab_size=97)
+    biases = [b for name, b in teacher.named_buffers() if name.endswith("e_score_correction_bias")]
+    for bias in biases:  # same weights, other routing: other logits
+        bias.copy_(torch.linspace(-1.0, 1.0, bias.numel()))
+    cache = prepare_teacher_cache(teacher, rows, default_data_collator, tmp_path, top_k=5, vocab_size=97)
+    _cached_logits_are_the_teachers(cache, teacher, rows)
+
+
+def test_teacher_cache_is_rebuilt_for_the_same_tokens_cut_into_other_rows(tmp_path):
+    teacher = tiny_model()
+    prepare_teacher_cache(teacher, _cache_rows([[5, 6, 7], [9]]), default_data_collator, tmp_path, 5, 97)
+    rows = _cache_rows([[5, 6], [7, 9]])
+    cache = prepare_teacher_cache(teacher, rows, default_data_collator, tmp_path, top_k=5, vocab_size=97)
+    _cached_logits_are_the_teachers(cache, teacher, rows)
