@@ -18,6 +18,7 @@ from transformers import (
 
 import llama4x
 from llama4x import demo
+from llama4x.checkpoints import write_json_atomically
 from llama4x.cli import main
 from llama4x.data import block_batches
 from llama4x.evaluation import perplexity
@@ -242,7 +243,9 @@ def test_report_times_and_saved_models_are_those_of_the_reported_stages_only(tmp
 
     # A folder where a full run was done before a rerun with --stop-after tokenizer: old markers and models remain.
     for stage, seconds in (("tokenizer", 2.0), ("teacher", 30.0), ("lora", 5.0), ("report", 3.0)):
-        demo._write_json(tmp_path / "stages" / f"{stage}.json", {"stage": stage, "seconds": seconds, "result": {}})
+        write_json_atomically(
+            tmp_path / "stages" / f"{stage}.json", {"stage": stage, "seconds": seconds, "result": {}}
+        )
     for folder in ("tokenizer", "teacher", "lora_parity"):
         (tmp_path / folder).mkdir()
     tokenizer = {"vocab_size": 2048, "special_tokens": {}, "train_documents": 71, "eval_documents": 8,

@@ -144,3 +144,12 @@ def last_complete_checkpoint(output_dir: str | Path) -> Path | None:
             return steps[step]
         logger.warning(f"Skipping {steps[step]} when resuming: {problem}.")
     return None
+
+
+def write_json_atomically(path: Path, content) -> None:
+    """Write JSON through a temporary file and a rename: a crash never leaves a half-written file that a rerun would
+    trust (or fail to parse)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(content, indent=2) + "\n")
+    tmp.replace(path)

@@ -54,6 +54,7 @@ from transformers.trainer_callback import PrinterCallback
 from transformers.utils import logging
 
 from .balancing import max_violation
+from .checkpoints import write_json_atomically
 from .configuration_llama4x import FUSION_TYPES
 from .data import (
     DIGITS_QUESTION,
@@ -810,14 +811,6 @@ STAGE_FUNCTIONS: dict[str, Callable[[DemoRun], dict[str, Any]]] = {
 # ---- the job -------------------------------------------------------------------------------------------------------
 
 
-def _write_json(path: Path, content: Any) -> None:
-    """Write JSON atomically: a crash never leaves a half-written marker that a rerun would trust."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(content, indent=2) + "\n")
-    tmp.replace(path)
-
-
 def _check_settings(out: Path, settings: DemoSettings) -> None:
     path = out / "settings.json"
     wanted = dataclasses.asdict(settings)
@@ -831,7 +824,7 @@ def _check_settings(out: Path, settings: DemoSettings) -> None:
                 "to start over."
             )
     else:
-        _write_json(path, wanted)
+        write_json_atomically(path, wanted)
 
 
 def run_demo(
@@ -903,7 +896,7 @@ def _run_stages(out: Path, settings: DemoSettings, stop_after: str | None, verbo
             ) from error
         seconds = time.perf_counter() - start
         run.results[name] = result
-        _write_json(marker, {"stage": name, "seconds": seconds, "finished": time.time(), "result": result})
+        write_json_atomically(marker, {"stage": name, "seconds": seconds, "finished": time.time(), "result": result})
         rows.append({"stage": name, "status": "done", "seconds": seconds})
     say(summary_table(rows, run.results))
     if "report" in run.results:

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from transformers.utils import logging
 
+from .checkpoints import write_json_atomically
 from .distillation_students import INPUT_KEYS
 
 logger = logging.get_logger(__name__)
@@ -179,7 +180,7 @@ def build_teacher_cache(
         "teacher_fingerprint": teacher_fingerprint(teacher),
         "shards": shards,
     }
-    (cache_dir / CACHE_META).write_text(json.dumps(meta, indent=2) + "\n")
+    write_json_atomically(cache_dir / CACHE_META, meta)
     return TeacherCache(cache_dir)
 
 
