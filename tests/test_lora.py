@@ -164,6 +164,19 @@ def test_invalid_lora_arguments_name_the_field():
         lora_config(tiny_model(), parts=("dense_ffn",))  # every layer is MoE
     with pytest.raises(ValueError, match="reach no LoRA target"):
         lora_config(model, parts=("router",))
+    with pytest.raises(ValueError, match="`lora_alpha` as `alpha=`"):
+        lora_config(model, parts=("attention",), lora_alpha=32)  # PEFT's name for it
+    with pytest.raises(ValueError, match="`lora_dropout` as `dropout=`"):
+        lora_config(model, parts=("attention",), lora_dropout=0.1)
+
+
+def test_one_part_may_be_a_plain_string():
+    model = tiny_model(**MIXED)
+    assert (
+        lora_config(model, parts="attention").target_modules == lora_config(model, parts=("attention",)).target_modules
+    )
+    with pytest.raises(ValueError, match="`parts`=\\('experts',\\)"):
+        lora_config(model, parts="experts")
 
 
 @pytest.mark.parametrize("option", [{"use_dora": True}, {"init_lora_weights": "pissa"}, {"init_lora_weights": "eva"}])

@@ -41,10 +41,14 @@ def _decoder_layers(model: nn.Module) -> list[tuple[str, Llama4XDecoderLayer]]:
     return [(name, module) for name, module in model.named_modules() if isinstance(module, Llama4XDecoderLayer)]
 
 
-def lora_targets(model: nn.Module, parts: Iterable[str] = LORA_PARTS) -> dict[str, list[tuple[str, str]]]:
+def _as_tuple(parts: Iterable[str] | str) -> tuple[str, ...]:
+    return (parts,) if isinstance(parts, str) else tuple(parts)  # one part may be given as a plain string
+
+
+def lora_targets(model: nn.Module, parts: Iterable[str] | str = LORA_PARTS) -> dict[str, list[tuple[str, str]]]:
     """For each requested part, the `(layer_name, path_in_layer)` pairs it reaches in `model` (possibly none: a
     model whose layers are all MoE has no dense FFN)."""
-    parts = tuple(parts)
+    parts = _as_tuple(parts)
     unknown = [part for part in parts if part not in LORA_PARTS]
     if unknown or not parts:
         raise ValueError(f"Invalid LoRA `parts`={parts!r}: expected a non-empty selection from {LORA_PARTS}.")
@@ -110,7 +114,7 @@ def _check_routed_expert_options(dropout: float, kwargs: dict) -> None:
 
 def lora_config(
     model: nn.Module,
-    parts: Iterable[str] = LORA_PARTS,
+    parts: Iterable[str] | str = LORA_PARTS,
     r: int = 8,
     alpha: float = 16,
     dropout: float = 0.0,
@@ -127,6 +131,10 @@ def lora_config(
         **kwargs: further `LoraConfig` fields (`use_rslora`, `init_lora_weights`, extra `modules_to_save`, ...);
             with `routed_experts`, no `use_dora` and `init_lora_weights` only True, False or "gaussian".
     """
+    for peft_name, name in (("lora_alpha", "alpha"), ("lora_dropout", "dropout")):
+        if peft_name in kwargs:
+            raise ValueError(f"Pass LoRA `{peft_name}` as `{name}=` to lora_config.")
+    parts = _as_tuple(parts)
     targets = lora_targets(model, parts)
     if targets.get("routed_experts"):
         _check_routed_expert_options(dropout, kwargs)
@@ -135,7 +143,7 @@ def lora_config(
     router = [f"{name}.{path}" for name, path in targets.get("router", [])]
     if not (module_pairs or expert_paths):
         raise ValueError(
-            f"LoRA `parts`={tuple(parts)!r} reach no LoRA target in {type(model).__name__} (PEFT needs one besides "
+            f"LoRA `parts`={parts!r} reach no LoRA target in {type(model).__name__} (PEFT needs one besides "
             "the fully trained router): add 'attention', 'routed_experts', ..."
         )
     skipped = [part for part, pairs in targets.items() if not pairs]
