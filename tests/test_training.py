@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import TrainerCallback
+from transformers import AutoTokenizer, TrainerCallback
 
 from llama4x import Llama4XForCausalLM
 from llama4x.data import IGNORE_INDEX, python_docs_texts
@@ -170,7 +170,7 @@ def test_text_training_logs_lm_aux_and_routing_stats_and_saves_plots(checkpoint,
     assert metrics["eval_perplexity"] == pytest.approx(torch.tensor(metrics["eval_lm_loss"]).exp().item(), rel=1e-4)
 
 
-def test_lora_run_through_the_cli_saves_an_adapter_and_leaves_the_base_frozen(checkpoint, text_file, tmp_path):
+def test_lora_run_through_the_cli_saves_an_adapter_and_leaves_the_base_frozen(checkpoint, text_file, tmp_path, capsys):
     from peft import PeftModel
 
     from llama4x.cli import main as cli_main
@@ -187,8 +187,18 @@ def test_lora_run_through_the_cli_saves_an_adapter_and_leaves_the_base_frozen(ch
     ids = torch.arange(3, 19).reshape(1, 16)
     with torch.no_grad():
         before = base(ids).logits
-        adapted = PeftModel.from_pretrained(base, out).eval()(ids).logits
-    assert (adapted - before).abs().max() > 1e-4
+        adapted = PeftModel.from_pretrained(base, out).eval()
+        after = adapted(ids).logits
+    assert (after - before).abs().max() > 1e-4
+
+    # `llama4x generate` takes the adapter folder: the base it names with the adapter on top
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    prompt = tokenizer("def", return_tensors="pt")
+    with torch.no_grad():
+        expected = adapted.generate(**prompt, max_new_tokens=6, do_sample=False)
+    capsys.readouterr()
+    assert cli_main(["generate", "--model", str(out), "--prompt", "def", "--max-new-tokens", "6"]) == 0
+    assert capsys.readouterr().out.strip() == tokenizer.decode(expected[0], skip_special_tokens=True).strip()
 
 
 class StopAt(TrainerCallback):

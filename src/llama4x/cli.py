@@ -57,8 +57,10 @@ def _check_model_folder(option: str, folder: Path) -> None:
     """Raise a `ValueError` naming `option` unless `folder` holds a saved config and a saved tokenizer."""
     if not folder.is_dir():
         raise ValueError(f"{option} {str(folder)!r} is not a directory (expected a save_pretrained folder)")
-    if not (folder / "config.json").is_file():
-        raise ValueError(f"{option} {str(folder)!r} has no config.json (expected a save_pretrained folder)")
+    if not any((folder / name).is_file() for name in ("config.json", "adapter_config.json")):
+        raise ValueError(
+            f"{option} {str(folder)!r} has no config.json or adapter_config.json (expected a save_pretrained folder)"
+        )
     if not any((folder / name).is_file() for name in _TOKENIZER_FILES):
         raise ValueError(
             f"{option} {str(folder)!r} has no tokenizer ({' or '.join(_TOKENIZER_FILES)}): save the tokenizer or "
@@ -94,12 +96,23 @@ def _load_generation_model(model_dir: Path) -> tuple[PreTrainedModel, list[int]]
 
     A multimodal llama4x folder (`Llama4XConfig`) loads as `Llama4XForConditionalGeneration` through
     AutoModelForImageTextToText (AutoModelForCausalLM maps only the text config); its image placeholder is
-    suppressed, since no image backs a generated one. Any other folder loads with AutoModelForCausalLM.
+    suppressed, since no image backs a generated one. Any other folder loads with AutoModelForCausalLM. A PEFT
+    adapter folder (`llama4x train --lora`) loads on top of the base model its `adapter_config.json` names.
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
 
     from .configuration_llama4x import Llama4XConfig
 
+    if (model_dir / "adapter_config.json").is_file():
+        from peft import PeftConfig, PeftModel
+
+        base_dir = Path(PeftConfig.from_pretrained(model_dir).base_model_name_or_path)
+        if not (base_dir / "config.json").is_file():
+            raise ValueError(
+                f"--model {str(model_dir)!r} is an adapter whose base model {str(base_dir)!r} has no config.json"
+            )
+        base, suppressed = _load_generation_model(base_dir)
+        return PeftModel.from_pretrained(base, model_dir), suppressed
     config = AutoConfig.from_pretrained(model_dir)
     if isinstance(config, Llama4XConfig):
         return AutoModelForImageTextToText.from_pretrained(model_dir), [config.image_token_id]
