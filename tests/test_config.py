@@ -10,6 +10,10 @@ from llama4x import Llama4XConfig, Llama4XTextConfig
 from tiny import tiny_text_config
 
 INVALID_CASES = [
+    ({"routed_scaling_factor": float("inf")}, "routed_scaling_factor"),
+    ({"rms_norm_eps": float("nan")}, "rms_norm_eps"),
+    ({"router_aux_loss_coef": float("nan")}, "router_aux_loss_coef"),
+    ({"router_bias_update_rate": float("inf")}, "router_bias_update_rate"),
     ({"num_experts_per_tok": 9}, "num_experts_per_tok"),  # top-k > num_local_experts=8
     ({"num_experts_per_tok": 0}, "num_experts_per_tok"),
     ({"num_key_value_heads": 3}, "num_key_value_heads"),  # 4 heads not divisible by 3

@@ -5,6 +5,7 @@ Every behaviour of the model is a validated field here. Invalid values or combin
 """
 
 import copy
+import math
 from typing import Any
 
 from huggingface_hub.dataclasses import strict
@@ -27,8 +28,8 @@ def _fail(field: str, value: Any, expected: str) -> None:
 def _check_positive(config: PreTrainedConfig, *fields: str) -> None:
     for field in fields:
         value = getattr(config, field)
-        if value is None or value <= 0:
-            _fail(field, value, "a positive number")
+        if value is None or not math.isfinite(value) or value <= 0:
+            _fail(field, value, "a positive finite number")
 
 
 def _check_probability(config: PreTrainedConfig, *fields: str) -> None:
@@ -254,8 +255,8 @@ class Llama4XTextConfig(PreTrainedConfig):
 
     def _validate_balancing(self) -> None:
         for field in ("router_aux_loss_coef", "router_z_loss_coef", "router_bias_update_rate"):
-            if getattr(self, field) < 0:
-                _fail(field, getattr(self, field), "a coefficient >= 0")
+            if not (math.isfinite(getattr(self, field)) and getattr(self, field) >= 0):
+                _fail(field, getattr(self, field), "a finite coefficient >= 0")
         if self.router_aux_loss_type not in AUX_LOSS_TYPES:
             _fail("router_aux_loss_type", self.router_aux_loss_type, f"one of {AUX_LOSS_TYPES}")
         _check_probability(self, "router_jitter_noise")
