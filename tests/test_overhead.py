@@ -36,6 +36,11 @@ def test_llama4x_step_takes_the_grouped_gemm_in_bfloat16_and_the_cpu_loop_in_flo
     assert _hooks(model) == 0
 
 
-def test_decode_step_time_is_measured_on_a_growing_cache():
-    model = tiny_model()
-    assert 0 < decode_step_seconds(model, random_ids(1, 5), steps=3, warmup=1) < 10
+def test_decode_step_times_take_the_models_in_turn_step_by_step():
+    models = {"first": tiny_model(seed=0), "second": tiny_model(seed=1)}
+    calls = []
+    for name, model in models.items():
+        model.register_forward_hook(lambda *_, name=name: calls.append(name))
+    seconds = decode_step_seconds(models, random_ids(1, 5), steps=3, warmup=1)
+    assert calls == ["first", "second"] * (1 + 1 + 3), calls  # the prefills, then each step of each model in turn
+    assert seconds.keys() == models.keys() and all(0 < s < 10 for s in seconds.values()), seconds

@@ -85,19 +85,24 @@ def decode_step_operators(model: nn.Module, input_ids: torch.Tensor) -> Operator
 
 
 @torch.no_grad()
-def decode_step_seconds(model: nn.Module, input_ids: torch.Tensor, steps: int = 50, warmup: int = 5) -> float:
-    """Median wall time of one cached decode step (the same token fed `steps` times; CUDA synchronised)."""
-    cache, next_ids = _prefilled(model, input_ids)
+def decode_step_seconds(
+    models: dict[str, nn.Module], input_ids: torch.Tensor, steps: int = 50, warmup: int = 5
+) -> dict[str, float]:
+    """Median wall time of one cached decode step of each model (the same token fed `steps` times to a growing cache;
+    the models take turns step by step, so a change of the machine's load hits them alike; CUDA synchronised)."""
+    prefilled = {name: _prefilled(model, input_ids) for name, model in models.items()}
     sync = torch.cuda.synchronize if input_ids.device.type == "cuda" else (lambda: None)
-    times = []
+    times: dict[str, list[float]] = {name: [] for name in models}
     for step in range(warmup + steps):
-        sync()
-        start = time.perf_counter()
-        model(next_ids, use_cache=True, **{CACHE_FIELD: cache})
-        sync()
-        if step >= warmup:
-            times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for name, model in models.items():
+            cache, next_ids = prefilled[name]
+            sync()
+            start = time.perf_counter()
+            model(next_ids, use_cache=True, **{CACHE_FIELD: cache})
+            sync()
+            if step >= warmup:
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(seconds) for name, seconds in times.items()}
 
 
 def overhead_shapes() -> Shapes:
@@ -115,5 +120,5 @@ def bench_decode_overhead(
     return {
         "operators_per_step": {name: sum(c.counts.values()) for name, c in counters.items()},
         "operators_by_kind": {name: dict(c.counts) for name, c in counters.items()},
-        "step_ms": {name: 1e3 * decode_step_seconds(model, input_ids, steps) for name, model in models.items()},
+        "step_ms": {name: 1e3 * s for name, s in decode_step_seconds(models, input_ids, steps).items()},
     }

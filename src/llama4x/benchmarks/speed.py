@@ -10,16 +10,14 @@ very same weights through `llama4x.conversion`), times them interleaved, and rep
 - `kv_cache`: KV-cache bytes after a prefill, per layer kind (chunked layers bounded by the chunk);
 - `lora_train`: llama4x training step with PEFT LoRA on the routed experts / attention vs full fine-tuning.
 
-On CUDA the timings use CUDA events and peak memory is `torch.cuda.max_memory_allocated` above the weights. The
-MoE-layer and training benchmarks also report the achieved TFLOP/s of the useful (active) work and the MFU against
-the device's measured matmul peak (`flops.py`).
+On CUDA the timings use CUDA events and peak memory is `torch.cuda.max_memory_allocated` above the weights (on CPUs
+the peak of the tensor allocations that the profiler records). The MoE-layer and training benchmarks also report the
+achieved TFLOP/s of the useful (active) work and the MFU against the device's measured matmul peak (`flops.py`).
 """
 
 import json
-import os
 import platform
 import statistics
-import threading
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -113,9 +111,10 @@ class Timer:
         return {name: statistics.median(self.samples[f"{desc}/{name}"]) for name in fns}
 
 
-def _peak_memory_gib(device: torch.device, fn: Callable[[], object]) -> float | None:
-    """Peak memory during `fn` above the memory in use before it: CUDA's allocator statistics, or on Linux CPUs the
-    process's resident set sampled every millisecond (large tensors are mapped and unmapped, so it tracks them)."""
+def _peak_memory_gib(device: torch.device, fn: Callable[[], object]) -> float:
+    """Peak memory of the tensors allocated during `fn`, above the memory in use before it: CUDA's allocator
+    statistics, or on CPUs the allocations and frees the profiler records (not the process's resident set, which
+    depends on what the C allocator kept from earlier runs: the same prefill read 0.004 to 0.12 GiB)."""
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -123,29 +122,15 @@ def _peak_memory_gib(device: torch.device, fn: Callable[[], object]) -> float | 
         fn()
         torch.cuda.synchronize()
         return (torch.cuda.max_memory_allocated() - before) / 2**30
-    statm = Path("/proc/self/statm")
-    if not statm.exists():
-        return None
-    page = os.sysconf("SC_PAGE_SIZE")
-
-    def resident() -> int:
-        return int(statm.read_text().split()[1]) * page
-
-    before, peak, done = resident(), [0], threading.Event()
-
-    def sample() -> None:
-        while not done.is_set():
-            peak[0] = max(peak[0], resident())
-            time.sleep(0.001)
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    try:
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    with torch.profiler.profile(activities=activities, profile_memory=True) as profiler:
         fn()
-    finally:
-        done.set()
-        sampler.join()
-    return (max(peak[0], resident()) - before) / 2**30
+    events = [e for e in profiler.profiler.kineto_results.events() if e.name() == "[memory]"]
+    in_use = peak = 0
+    for event in sorted(events, key=lambda e: e.start_ns()):
+        in_use += event.nbytes()  # negative for a free
+        peak = max(peak, in_use)
+    return peak / 2**30
 
 
 def build_models(shapes: Shapes, dtype: torch.dtype, device: torch.device, which=MODELS) -> dict[str, torch.nn.Module]:
@@ -293,6 +278,16 @@ def bench_train(
     }
 
 
+def _greedy_generate(model: torch.nn.Module, input_ids: torch.Tensor, new_tokens: int, **kwargs) -> torch.Tensor:
+    """Greedy `generate` of exactly `new_tokens` tokens per row (EOS suppressed until then) attending to the whole
+    prompt: without the explicit mask, `generate` takes every 0 of a random prompt for padding (pad token id 0) and
+    the models decode a padded batch (llama4x's chunked layers then fall back to a dense mask)."""
+    return model.generate(
+        input_ids=input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens, do_sample=False, pad_token_id=0, **kwargs,
+    )  # fmt: skip
+
+
 def bench_decode(
     shapes: Shapes, batch: int, prompt: int, new_tokens: int, dtype: torch.dtype, device: torch.device,
     repeats: int = 3, experts_implementation: str = "grouped_mm",
@@ -304,8 +299,7 @@ def bench_decode(
     models = build_models(shapes, dtype, device)
     models["llama4x"].set_experts_implementation(experts_implementation)
     input_ids = torch.randint(0, shapes.vocab_size, (batch, prompt), device=device)
-    kwargs = {"max_new_tokens": new_tokens, "min_new_tokens": new_tokens, "do_sample": False, "pad_token_id": 0}
-    runs = {n: (lambda m=m: m.generate(input_ids=input_ids, **kwargs)) for n, m in models.items()}
+    runs = {n: (lambda m=m: _greedy_generate(m, input_ids, new_tokens)) for n, m in models.items()}
     timer = Timer(device, repeats)
     with torch.no_grad():
         seconds = timer.run_interleaved(runs, "decode")
@@ -327,19 +321,17 @@ def bench_compiled_decode(
     disables compiled decoding for its Llama 4. The first call (compilation) is reported separately."""
     models = build_models(shapes, dtype, device, which=("llama4x", "dense_llama"))
     input_ids = torch.randint(0, shapes.vocab_size, (batch, prompt), device=device)
-    kwargs = {
-        "max_new_tokens": new_tokens, "min_new_tokens": new_tokens, "do_sample": False, "pad_token_id": 0,
-        "cache_implementation": "static", "compile_config": CompileConfig(fullgraph=True),
-    }  # fmt: skip
+    kwargs = {"cache_implementation": "static", "compile_config": CompileConfig(fullgraph=True)}
     first_call_s = {}
     with torch.no_grad():
         for name, model in models.items():
             start = time.perf_counter()
-            model.generate(input_ids=input_ids, **kwargs)
+            _greedy_generate(model, input_ids, new_tokens, **kwargs)
             first_call_s[name] = time.perf_counter() - start
         timer = Timer(device, repeats, warmup=0)
         seconds = timer.run_interleaved(
-            {n: (lambda m=m: m.generate(input_ids=input_ids, **kwargs)) for n, m in models.items()}, "compiled_decode"
+            {n: (lambda m=m: _greedy_generate(m, input_ids, new_tokens, **kwargs)) for n, m in models.items()},
+            "compiled_decode",
         )
     return {
         "first_call_s": first_call_s,

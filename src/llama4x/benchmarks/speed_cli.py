@@ -206,12 +206,10 @@ def print_table(results: dict, prefix: str = "") -> None:
     base) when the row has one."""
     for key, value in results.items():
         label = f"{prefix}{key}"
-        if isinstance(value, dict) and value and all(isinstance(v, (int, float)) or v is None for v in value.values()):
+        if isinstance(value, dict) and value and all(isinstance(v, (int, float)) for v in value.values()):
             baseline = next((b for b in ("dense_llama", "frozen_base") if value.get(b)), None)
             cells = []
             for name, number in value.items():
-                if number is None:
-                    continue
                 ratio = f" ({number / value[baseline]:.2f}x)" if baseline else ""
                 cells.append(f"{name} {number:.4g}{ratio}")
             print(f"{label}: " + ", ".join(cells))
