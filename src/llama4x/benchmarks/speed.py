@@ -355,8 +355,9 @@ def bench_long_context(
             for n, m in models.items()
         }
         with torch.no_grad():
-            seconds = Timer(device, repeats, warmup=0).run_interleaved(fns, f"prefill_{length}")
+            # memory first: that run is also each model's warm-up at this length (a prefill is too long to repeat)
             memory = {n: _peak_memory_gib(device, fn) for n, fn in fns.items()}
+            seconds = Timer(device, repeats, warmup=0).run_interleaved(fns, f"prefill_{length}")
         results[length] = {"prefill_s": seconds, "peak_gib": memory}
     return results
 
