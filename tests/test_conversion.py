@@ -1,11 +1,13 @@
 """Parity with transformers' Llama 4: the same weights compute the same function in llama4x."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -359,3 +361,73 @@ def test_convert_command_and_script_convert_a_saved_folder(tmp_path):
         == 0
     )
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "back").dtype == torch.bfloat16
+
+
+# transformers' Llama 4 processor needs torchvision, so its files are written as published (Llama 4 Scout's settings).
+LLAMA4_PROCESSOR_CONFIG = {
+    "processor_class": "Llama4Processor", "patch_size": 14, "pixel_shuffle_ratio": 0.5, "fake_image_token": "<|image|>",
+    "image_token": "<|image|>", "start_of_image_token": "<|image_start|>", "end_of_image_token": "<|image_end|>",
+    "patch_token": "<|patch|>", "tile_x_separator_token": "<|tile_x_separator|>",
+    "tile_y_separator_token": "<|tile_y_separator|>",
+}  # fmt: skip
+LLAMA4_PREPROCESSOR_CONFIG = {
+    "crop_size": None, "data_format": "channels_first", "default_to_square": True, "device": None,
+    "do_center_crop": None, "do_convert_rgb": True, "do_normalize": True, "do_rescale": True, "do_resize": True,
+    "image_mean": [0.5, 0.5, 0.5], "image_processor_type": "Llama4ImageProcessorFast", "image_std": [0.5, 0.5, 0.5],
+    "input_data_format": None, "max_patches": 16, "processor_class": "Llama4Processor", "resample": 2,
+    "rescale_factor": 0.00392156862745098, "resize_to_max_canvas": False, "return_tensors": None,
+    "size": {"height": 336, "width": 336},
+}  # fmt: skip
+
+
+def test_processor_files_convert_to_the_other_familys_classes_both_ways(tmp_path):
+    from PIL import Image
+    from transformers import AutoProcessor
+
+    from llama4x import Llama4XImageProcessor, Llama4XProcessor
+    from llama4x.data import python_docs_texts
+    from llama4x.tokenization import train_tokenizer
+
+    torch.manual_seed(0)
+    source = tmp_path / "llama4"
+    Llama4ForConditionalGeneration(llama4_multimodal_config()).save_pretrained(source)
+    tokenizer = train_tokenizer(python_docs_texts()[:5], vocab_size=600)
+    tokenizer.save_pretrained(source)
+    tokenizer_config = json.loads((source / "tokenizer_config.json").read_text())
+    (source / "tokenizer_config.json").write_text(
+        json.dumps({**tokenizer_config, "processor_class": "Llama4Processor"})
+    )
+    (source / "processor_config.json").write_text(json.dumps(LLAMA4_PROCESSOR_CONFIG))
+    (source / "preprocessor_config.json").write_text(json.dumps(LLAMA4_PREPROCESSOR_CONFIG))
+
+    converted = convert_checkpoint(source, tmp_path / "llama4x")
+    processor = AutoProcessor.from_pretrained(converted)
+    assert isinstance(processor, Llama4XProcessor) and isinstance(processor.image_processor, Llama4XImageProcessor)
+    expected = Llama4XProcessor(image_processor=Llama4XImageProcessor(), tokenizer=tokenizer)
+    image = Image.new("RGB", (700, 400), (200, 30, 90))
+    inputs = processor(text="<|image|> a red image", images=[image], return_tensors="pt")
+    wanted = expected(text="<|image|> a red image", images=[image], return_tensors="pt")
+    assert torch.equal(inputs["input_ids"], wanted["input_ids"])
+    assert torch.equal(inputs["pixel_values"], wanted["pixel_values"])
+
+    processor.save_pretrained(converted)  # as llama4x writes it: auto_map, nested image-processor settings
+    back = convert_checkpoint(converted, tmp_path / "back")
+    for name in ("processor_config.json", "tokenizer_config.json"):
+        settings = json.loads((back / name).read_text())
+        assert settings["processor_class"] == "Llama4Processor" and "auto_map" not in settings, name
+    image_settings = json.loads((back / "processor_config.json").read_text())["image_processor"]
+    assert image_settings["image_processor_type"] == "Llama4ImageProcessor" and "auto_map" not in image_settings
+
+
+def test_index_of_a_cast_checkpoint_counts_the_new_sizes(tmp_path):
+    torch.manual_seed(0)
+    Llama4ForConditionalGeneration(llama4_multimodal_config()).save_pretrained(
+        tmp_path / "llama4", max_shard_size="20KB"
+    )
+    converted = convert_checkpoint(tmp_path / "llama4", tmp_path / "bf16", dtype=torch.bfloat16)
+    index = json.loads((converted / "model.safetensors.index.json").read_text())
+    sizes = 0
+    for shard in set(index["weight_map"].values()):
+        with safe_open(converted / shard, framework="pt") as reader:
+            sizes += sum(reader.get_tensor(name).nbytes for name in reader.keys())
+    assert index["metadata"]["total_size"] == sizes

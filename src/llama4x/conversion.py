@@ -19,6 +19,7 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -231,6 +232,29 @@ COPIED_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
     "chat_template.json", "preprocessor_config.json", "processor_config.json", "generation_config.json",
 )  # fmt: skip
+# Llama 4's processors and llama4x's take the same settings, so a processor file converts by its class names. Its
+# `auto_map` (llama4x's remote code, which is not copied) is dropped.
+PROCESSOR_FILES = ("tokenizer_config.json", "preprocessor_config.json", "processor_config.json")
+PROCESSOR_CLASSES = {
+    "llama4": {"Llama4Processor": "Llama4XProcessor", "Llama4ImageProcessor": "Llama4XImageProcessor",
+               "Llama4ImageProcessorFast": "Llama4XImageProcessor"},
+    "llama4x": {"Llama4XProcessor": "Llama4Processor", "Llama4XImageProcessor": "Llama4ImageProcessor"},
+}  # fmt: skip
+
+
+def processor_settings_for_other_family(settings: Any, source: str) -> Any:
+    """A processor JSON (`processor_class`, `image_processor_type`, nested image-processor settings) of the `source`
+    family ("llama4" or "llama4x") with the other family's class names."""
+    if not isinstance(settings, dict):
+        return settings
+    names = PROCESSOR_CLASSES[source]
+    return {
+        key: names.get(value, value)
+        if key in ("processor_class", "image_processor_type")
+        else processor_settings_for_other_family(value, source)
+        for key, value in settings.items()
+        if key != "auto_map"
+    }
 
 
 def _weight_files(folder: Path) -> tuple[list[str], dict | None]:
@@ -285,7 +309,7 @@ def convert_checkpoint(
     staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.partial-", dir=output_dir.parent))
     try:
         _write_config(input_dir, staging, model_type, dtype)
-        weight_map = {}
+        weight_map, total_bytes = {}, 0
         total = sum(_shard_length(input_dir / shard) for shard in shards)
         with tqdm(total=total, desc=f"Converting {source} -> {'llama4x' if source == 'llama4' else 'llama4'}") as bar:
             for shard in shards:
@@ -297,14 +321,19 @@ def convert_checkpoint(
                             tensor = tensor.to(dtype)
                         converted[new_name] = tensor
                         weight_map[new_name] = shard
+                        total_bytes += tensor.nbytes
                         bar.update(1)
                 save_file(converted, staging / shard, metadata={"format": "pt"})
                 del converted
         if index is not None:
-            index = {**index, "weight_map": dict(sorted(weight_map.items()))}
+            metadata = {**index.get("metadata", {}), "total_size": total_bytes}  # changed by a `dtype` cast
+            index = {**index, "metadata": metadata, "weight_map": dict(sorted(weight_map.items()))}
             (staging / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
         for name in COPIED_FILES:
-            if (input_dir / name).is_file():
+            if name in PROCESSOR_FILES and (input_dir / name).is_file():
+                settings = processor_settings_for_other_family(json.loads((input_dir / name).read_text()), source)
+                (staging / name).write_text(json.dumps(settings, indent=2) + "\n")
+            elif (input_dir / name).is_file():
                 shutil.copy2(input_dir / name, staging / name)
         if output_dir.exists():
             shutil.rmtree(output_dir)
