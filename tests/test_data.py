@@ -23,7 +23,19 @@ def test_python_docs_texts_are_nonempty_deterministic_and_sorted_by_topic():
     assert len(texts) >= 20
     assert all(isinstance(t, str) and t.strip() for t in texts)
     assert texts == python_docs_texts()
-    assert texts == [topics[k] for k in sorted(topics) if topics[k].strip()]
+    first_topics = [min(k for k in topics if topics[k] == text) for text in texts]
+    assert first_topics == sorted(first_topics)
+
+
+def test_python_docs_texts_hold_each_topic_text_once_so_splits_do_not_leak():
+    from pydoc_data.topics import topics
+
+    texts = python_docs_texts()
+    assert len(set(texts)) == len(texts)
+    assert set(texts) == {text for text in topics.values() if text.strip()}
+    for seed in range(3):
+        train, evals = train_eval_split(texts, seed=seed)
+        assert not set(train) & set(evals), f"seed {seed}: an eval document is also in train"
 
 
 def test_train_eval_split_is_a_seeded_partition():

@@ -1,4 +1,5 @@
-"""Tests for `llama4x.evaluation`: the held-out next-token loss against a float64 recomputation, and exact match."""
+"""Tests for `llama4x.evaluation`: the held-out next-token loss against a float64 recomputation, exact match, and
+greedy answers and answer loss that match one-record-at-a-time references whatever the batch size."""
 
 import pytest
 import torch
@@ -55,3 +56,60 @@ def test_exact_match_counts_equal_answers_and_refuses_a_length_mismatch():
     assert exact_match([], []) == 0.0
     with pytest.raises(ValueError):
         exact_match(["7"], records)
+
+
+def digits_model_and_processor():
+    """A tiny random multimodal model with a trained tokenizer and a processor of up to 4 tiles per image."""
+    from llama4x import Llama4XConfig, Llama4XForConditionalGeneration, Llama4XImageProcessor, Llama4XProcessor
+    from llama4x.configuration_llama4x import SPECIAL_TOKEN_PRESETS
+    from llama4x.data import DIGITS_QUESTION, python_docs_texts
+    from llama4x.tokenization import train_tokenizer
+    from tiny import tiny_multimodal_config, tiny_text_config
+
+    tokenizer = train_tokenizer(python_docs_texts()[:2] + [DIGITS_QUESTION, "0 1 2 3 4 5 6 7 8 9"], vocab_size=300)
+    text = tiny_text_config(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)  # fmt: skip
+    config = Llama4XConfig(
+        text_config=text, vision_config=tiny_multimodal_config().vision_config, **SPECIAL_TOKEN_PRESETS["tiny"]
+    )
+    torch.manual_seed(0)
+    model = Llama4XForConditionalGeneration(config).eval()
+    randomize_to_unit_scale(model, 1)
+    processor = Llama4XProcessor(Llama4XImageProcessor(size=32, max_patches=4), tokenizer, patch_size=8)
+    return model, processor
+
+
+def test_answers_and_answer_loss_do_not_depend_on_the_batch_size():
+    from PIL import Image
+
+    from llama4x.data import DigitsCollator
+    from llama4x.evaluation import answer_questions
+    from llama4x.tokenization import EOT_TOKEN
+
+    model, processor = digits_model_and_processor()
+    generator = torch.Generator().manual_seed(0)
+    records = [  # other image shapes and questions: prompts of other lengths, left-padded in a batch
+        {"image": Image.fromarray((torch.rand(h, w, 3, generator=generator) * 255).byte().numpy()),
+         "question": question, "answer": str(i)}
+        for i, (h, w, question) in enumerate([(32, 32, "What?"), (32, 64, "What digit is this?"), (64, 64, "Hm?")])
+    ]  # fmt: skip
+    eot = processor.tokenizer.convert_tokens_to_ids(EOT_TOKEN)
+    expected = []
+    with torch.no_grad():  # greedy decoding by hand, one record at a time, no cache
+        for record in records:
+            batch = DigitsCollator(processor, include_answer=False)([record])
+            prompt_length = batch["input_ids"].shape[1]
+            for _ in range(4):
+                next_id = model(**batch).logits[0, -1].argmax()
+                if next_id == eot:
+                    break
+                batch["input_ids"] = torch.cat([batch["input_ids"], next_id.view(1, 1)], dim=1)
+                batch["attention_mask"] = torch.ones_like(batch["input_ids"])
+            expected.append(processor.tokenizer.decode(batch["input_ids"][0, prompt_length:]).strip())
+    assert answer_questions(model, processor, records, batch_size=1) == expected
+    assert answer_questions(model, processor, records, batch_size=3) == expected
+
+    collator = DigitsCollator(processor)
+    one_by_one = evaluate_lm_loss(model, [collator([record]) for record in records])
+    together = evaluate_lm_loss(model, [collator(records)])
+    assert together == pytest.approx(one_by_one, rel=1e-5), f"max difference {abs(together - one_by_one):.3g}"

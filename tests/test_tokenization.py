@@ -70,6 +70,30 @@ def test_padding_uses_the_pad_token(tokenizer):
     assert short[-1] == tokenizer.pad_token_id and batch["attention_mask"][0][-1] == 0
 
 
+CONVERSATIONS = [
+    [{"role": "user", "content": "hi"}],
+    [
+        {"role": "system", "content": "  Be brief.\n"},
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": " What digit is this? "}]},
+        {"role": "assistant", "content": " 7\n"},
+        {"role": "user", "content": "And this?"},
+        {"role": "system", "content": " Answer with one digit. "},
+    ],
+]
+
+
+@pytest.mark.parametrize("add_generation_prompt", [False, True])
+@pytest.mark.parametrize("messages", CONVERSATIONS)
+def test_chat_template_renders_as_llama4s_published_template(tokenizer, messages, add_generation_prompt):
+    from transformers.models.llama4.processing_llama4 import chat_template as llama4_template
+
+    ours = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    llama4 = tokenizer.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=add_generation_prompt, chat_template=llama4_template
+    )
+    assert ours == llama4
+
+
 @pytest.mark.parametrize("vocab_size", [10, len(SPECIAL_TOKENS) + 256, 100.5])
 def test_too_small_vocab_size_is_rejected(vocab_size):
     with pytest.raises(ValueError, match="vocab_size"):

@@ -35,11 +35,12 @@ def python_docs_texts() -> list[str]:
     """Return Python's documentation topics (`pydoc_data.topics.topics`), sorted by topic name for determinism.
 
     About 80 documents (~0.5 MB of English prose and code in CPython 3.11) from the language reference: statements,
-    operators, the data model, etc. Empty topics are dropped.
+    operators, the data model, etc. Empty topics are dropped, and so are repeats (the "if" and "else" topics share
+    one text), so that a split of these documents cannot hold the same one on both sides.
     """
     from pydoc_data.topics import topics
 
-    return [topics[key] for key in sorted(topics) if topics[key].strip()]
+    return list(dict.fromkeys(topics[key] for key in sorted(topics) if topics[key].strip()))
 
 
 def train_eval_split(texts: Sequence[T], eval_fraction: float = 0.1, seed: int = 0) -> tuple[list[T], list[T]]:

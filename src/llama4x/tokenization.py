@@ -14,7 +14,8 @@ Conventions:
   automatically; data packing (`llama4x.data.pack_token_ids`) appends it between documents.
 - Chat: `CHAT_TEMPLATE` (Llama 4's turn format, without tools) is stored on the trained tokenizer and is the default
   template of `llama4x.Llama4XProcessor`. Every turn is `<|header_start|>{role}<|header_end|>\n\n{content}<|eot|>`;
-  the conversation starts with `<|begin_of_text|>`; an image content item renders as `<|image|>`.
+  the conversation starts with `<|begin_of_text|>`; an image content item renders as `<|image|>`; a leading system
+  message's content is stripped of surrounding whitespace (as in Llama 4).
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ SPECIAL_TOKENS: list[str] = [
 ]
 
 # Llama 4's turn layout. Content is a string or a list of `{"type": "text", "text": ...}` / `{"type": "image"}` items;
+# a leading system message is stripped of surrounding whitespace, as Llama 4's template does;
 # assistant turns (their `<|eot|>` included) are wrapped in `{% generation %}` so that
 # `apply_chat_template(..., return_assistant_tokens_mask=True)` marks exactly the tokens a model should learn to emit.
 CHAT_TEMPLATE = (
@@ -62,6 +64,7 @@ CHAT_TEMPLATE = (
     "{{- '<|header_start|>' + message['role'] + '<|header_end|>\n\n' -}}"
     "{%- if message['role'] == 'assistant' -%}"
     "{%- generation -%}{{- render(message['content']) + '<|eot|>' -}}{%- endgeneration -%}"
+    "{%- elif loop.first and message['role'] == 'system' -%}{{- render(message['content']) | trim + '<|eot|>' -}}"
     "{%- else -%}{{- render(message['content']) + '<|eot|>' -}}"
     "{%- endif -%}"
     "{%- endfor -%}"
