@@ -119,6 +119,8 @@ ERROR_CASES = {
     "nan": (PROMPT, tiles(2, 0).index_fill(2, torch.tensor([5]), float("nan")), "NaN"),
     "inf": (PROMPT, tiles(2, 0).index_fill(3, torch.tensor([0]), float("inf")), "infinite"),
     "integer_pixels": (PROMPT, torch.zeros(2, 3, 32, 32, dtype=torch.uint8), "floating-point"),
+    "token_id_beyond_vocab": (PROMPT + [VOCAB], tiles(2, 0), f"token id {VOCAB}, outside.*vocab_size={VOCAB}"),
+    "negative_token_id": (text(3, 0) + [-1], None, "token id -1, outside"),
 }
 
 
@@ -133,6 +135,18 @@ def test_pixel_values_with_inputs_embeds_raise_value_error():
     model = tiny_multimodal_model()
     with pytest.raises(ValueError, match=re.escape("`pixel_values` need `input_ids`")):
         model(inputs_embeds=torch.zeros(1, 10, 32), pixel_values=tiles(2, 0))
+
+
+def test_return_dict_false_gives_the_output_fields_as_a_tuple():
+    model = tiny_multimodal_model()
+    input_ids, pixel_values = one_image_prompt(model)
+    inputs = {"input_ids": input_ids, "pixel_values": pixel_values, "use_cache": False}
+    with torch.no_grad():
+        for module, extra in ((model, {"labels": input_ids}), (model.model, {})):
+            expected = module(**inputs, **extra).to_tuple()
+            actual = module(**inputs, **extra, return_dict=False)
+            assert type(actual) is tuple and len(actual) == len(expected), type(module).__name__
+            assert all(torch.equal(a, e) for a, e in zip(actual, expected)), type(module).__name__
 
 
 def test_an_image_token_in_a_decoding_step_is_embedded_like_text():
@@ -324,6 +338,26 @@ def test_gradient_checkpointing_covers_the_vision_layers_and_gives_the_same_grad
     for name, grad in grads[0].items():
         diff = (grad - grads[1][name]).abs().max().item()
         assert diff < 1e-6, f"{name}: max diff {diff}"
+
+
+def test_reentrant_gradient_checkpointing_reaches_vision_layers_behind_a_frozen_patch_embedding():
+    """Adapters train a few weights of a frozen model; reentrant checkpointing (PEFT's k-bit preparation) passes
+    gradients into a checkpointed layer only if its input requires them, which `enable_input_require_grads` arranges
+    through each sub-model's `get_input_embeddings`. Reference: the same gradient without checkpointing."""
+    trained = "model.vision_model.layers.1.self_attn.q_proj.weight"
+    grads = []
+    for checkpointing in (False, True):
+        model = tiny_multimodal_model().train()
+        for name, param in model.named_parameters():
+            param.requires_grad_(name == trained)
+        if checkpointing:
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": True})
+        input_ids, pixel_values = one_image_prompt(model)
+        model(input_ids=input_ids, pixel_values=pixel_values, labels=input_ids).loss.backward()
+        grads.append(model.get_parameter(trained).grad)
+    assert grads[1] is not None, f"no gradient reaches {trained} through reentrant checkpointing"
+    diff = (grads[0] - grads[1]).abs().max().item()
+    assert grads[0].abs().sum() > 0 and diff < 1e-6, f"max diff {diff}"
 
 
 def test_loss_adds_the_weighted_balancing_losses():

@@ -17,7 +17,7 @@ from transformers.cache_utils import Cache
 from transformers.generation import GenerationMixin
 from transformers.modeling_utils import PreTrainedModel
 from transformers.processing_utils import Unpack
-from transformers.utils import TransformersKwargs
+from transformers.utils import TransformersKwargs, can_return_tuple
 from transformers.utils.import_utils import torch_compilable_check
 
 from .configuration_llama4x import Llama4XConfig, Llama4XVisionConfig
@@ -28,6 +28,7 @@ from .modeling_llama4x import (
     Llama4XTextModel,
     causal_lm_loss,
 )
+from .validation import check_text_inputs
 from .vision import Llama4XMultiModalProjector, Llama4XVisionModel
 
 
@@ -162,6 +163,7 @@ class Llama4XModel(Llama4XMultimodalPreTrainedModel):
         inputs_embeds = inputs_embeds.masked_scatter(image_mask[..., None], flat_features)
         return inputs_embeds, image_features
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -183,6 +185,9 @@ class Llama4XModel(Llama4XMultimodalPreTrainedModel):
             raise ValueError("Pass exactly one of `input_ids` and `inputs_embeds`.")
         image_features = None
         if input_ids is not None:
+            # The decoder sees only the embeddings: the ids (dtype, shape, range) are checked before embedding them.
+            past_seen = cache.get_seq_length() if cache is not None else 0
+            check_text_inputs(self.config.text_config, input_ids, None, attention_mask, position_ids, past_seen)
             inputs_embeds, image_features = self.embed_inputs(input_ids, pixel_values, cache)
         elif pixel_values is not None:
             raise ValueError(
@@ -196,6 +201,7 @@ class Llama4XModel(Llama4XMultimodalPreTrainedModel):
             cache=cache,
             use_cache=use_cache,
             output_router_logits=output_router_logits,
+            return_dict=True,
             **kwargs,
         )
         return Llama4XMultimodalModelOutput(**outputs, image_hidden_states=image_features)
@@ -229,6 +235,7 @@ class Llama4XForConditionalGeneration(Llama4XMultimodalPreTrainedModel, Generati
         """Tiles `(N, C, I, I)` -> their embeddings in the text space `(N, T, H)`."""
         return self.model.get_image_features(pixel_values)
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -256,6 +263,7 @@ class Llama4XForConditionalGeneration(Llama4XMultimodalPreTrainedModel, Generati
             use_cache=use_cache,
             output_router_logits=output_router_logits,
             balancing_losses=labels is not None,
+            return_dict=True,
             **kwargs,
         )
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep

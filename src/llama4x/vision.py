@@ -236,6 +236,11 @@ class Llama4XVisionModel(PreTrainedModel):
             init.normal_(module.class_embedding, std=std)
             init.normal_(module.positional_embedding, std=std)
 
+    def get_input_embeddings(self) -> nn.Module | None:
+        """The patch embedding (None for `"patch"`), which `enable_input_require_grads` hooks so that reentrant
+        gradient checkpointing reaches the vision layers when the patch embedding is frozen (adapters)."""
+        return self.patch_embedding if self.config.fusion == "encoder" else None
+
     def forward(self, pixel_values: torch.Tensor, **kwargs: Unpack[TransformersKwargs]) -> torch.Tensor:
         """`pixel_values (N, C, I, I)` -> `(N, T, F)`. Inputs are not validated here; see
         `Llama4XModel.get_image_features`."""
