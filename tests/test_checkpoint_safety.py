@@ -1,11 +1,14 @@
 """Checkpoints never lose data or load as a wrong model; loading reads only safetensors and needs no network;
-training and routing are deterministic. Kills are real: a subprocess receives SIGKILL."""
+training and routing are deterministic, and the routing statistics logged cover every training batch. Kills are real:
+a subprocess receives SIGKILL."""
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -18,7 +21,7 @@ from llama4x.checkpoints import last_complete_checkpoint, verify_trainer_checkpo
 from llama4x.moe import route
 from llama4x.training import main
 from test_training import log_values, save_tiny_checkpoint, train_args, write_text
-from tiny import tiny_model, tiny_text_config
+from tiny import random_ids, tiny_model, tiny_text_config
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 
@@ -50,7 +53,36 @@ def test_saving_over_a_previous_save_loads_the_new_weights(tmp_path, first, seco
     old.save_pretrained(tmp_path, **({"max_shard_size": first} if first else {}))
     new.save_pretrained(tmp_path, **({"max_shard_size": second} if second else {}))
     assert_same_weights(AutoModelForCausalLM.from_pretrained(tmp_path), weights(new))
-    assert not [p for p in tmp_path.parent.iterdir() if p.name.startswith(f".{tmp_path.name}.saving-")]
+    assert not list(tmp_path.glob(".saving-*"))
+
+
+@pytest.mark.parametrize("first, second", [(None, "100KB"), ("100KB", None)], ids=["sharded-variant", "sharded-main"])
+def test_saving_a_variant_keeps_the_main_weights(tmp_path, first, second):
+    # transformers keeps model.safetensors beside model.ema.safetensors (each loads with its `variant`)
+    main_model, ema = tiny_model(seed=0), tiny_model(seed=1)
+    main_model.save_pretrained(tmp_path, **({"max_shard_size": first} if first else {}))
+    ema.save_pretrained(tmp_path, variant="ema", **({"max_shard_size": second} if second else {}))
+    assert_same_weights(AutoModelForCausalLM.from_pretrained(tmp_path), weights(main_model))
+    assert_same_weights(AutoModelForCausalLM.from_pretrained(tmp_path, variant="ema"), weights(ema))
+
+
+def test_saving_into_a_folder_on_another_filesystem_replaces_the_model(tmp_path):
+    # A folder that is a link to another disk (or a mount point, as a container's output volume): a save staged
+    # beside it cannot be renamed into it (EXDEV), and failed after deleting the previous weights.
+    other_disk = Path("/dev/shm")
+    if not other_disk.is_dir() or other_disk.stat().st_dev == tmp_path.stat().st_dev:
+        pytest.skip("needs /dev/shm on another filesystem than the temporary folder")
+    target = Path(tempfile.mkdtemp(dir=other_disk))
+    try:
+        folder = tmp_path / "model"
+        folder.symlink_to(target)
+        tiny_model(seed=0).save_pretrained(folder)
+        new = tiny_model(seed=1)
+        new.save_pretrained(folder)
+        assert_same_weights(AutoModelForCausalLM.from_pretrained(folder), weights(new))
+        assert not list(target.glob(".saving-*"))
+    finally:
+        shutil.rmtree(target)
 
 
 BIG_CONFIG = dict(  # ~8M parameters in ~30 shards of 1 MB: a save long enough to be killed in the middle
@@ -91,9 +123,7 @@ def test_a_save_killed_midway_leaves_the_previous_model_or_refuses_to_load(tmp_p
     saver = run_python(SAVE.format(seed=2, config=BIG_CONFIG, folder=folder), stdout=subprocess.PIPE)
     assert saver.stdout.readline().strip() == b"ready"
     deadline = time.monotonic() + 120
-    while not any(
-        path.name.startswith(".model.saving-") and any(path.glob("*.safetensors")) for path in tmp_path.iterdir()
-    ):
+    while not any(folder.glob(".saving-*/*.safetensors")):
         assert time.monotonic() < deadline and saver.poll() is None, "the save never started"
         time.sleep(0.001)
     os.kill(saver.pid, signal.SIGKILL)
@@ -165,6 +195,28 @@ def test_an_incomplete_checkpoint_is_named_and_skipped(tmp_path):
 # ---- safe loading ------------------------------------------------------------------------------------------------
 
 
+def test_a_truncated_shard_in_a_subfolder_is_named(tmp_path):
+    tiny_model().save_pretrained(tmp_path / "model", max_shard_size="100KB")
+    shard = sorted((tmp_path / "model").glob("model-*.safetensors"))[1]
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    with pytest.raises(ValueError, match=f"{shard.name} is truncated or corrupt"):
+        AutoModelForCausalLM.from_pretrained(tmp_path, subfolder="model")
+
+
+def test_a_truncated_shard_index_is_named(tmp_path):
+    tiny_model().save_pretrained(tmp_path, max_shard_size="100KB")
+    index = tmp_path / "model.safetensors.index.json"
+    index.write_text(index.read_text()[:100])
+    with pytest.raises(ValueError, match=f"{index.name} is truncated or corrupt"):
+        AutoModelForCausalLM.from_pretrained(tmp_path)
+
+
+def test_weights_passed_as_a_state_dict_load_without_a_folder():
+    model = tiny_model(seed=4)
+    loaded = Llama4XForCausalLM.from_pretrained(None, config=model.config, state_dict=model.state_dict())
+    assert_same_weights(loaded, weights(model))
+
+
 def test_pickle_weights_are_refused_unless_asked_for(tmp_path):
     model = tiny_model(seed=3)
     model.config.save_pretrained(tmp_path)
@@ -234,3 +286,46 @@ def test_routing_ties_are_broken_the_same_way_every_time(score):
     assert torch.equal(first[1::2], first[1:2].expand(32, -1)) and torch.equal(first[::2], first[:1].expand(32, -1))
     assert (first[::2, 0] == 5).all()
     assert all(len(set(row.tolist())) == 3 for row in first)
+
+
+# ---- routing statistics in the Trainer logs ----------------------------------------------------------------------
+
+
+def test_routing_stats_go_to_training_logs_and_cover_every_training_batch(tmp_path):
+    """With evaluations between training logs (and gradient accumulation), each training log's routing statistics
+    come from all its micro-batches, evaluation logs carry none (they took the training batches' loads), and the
+    run's expert-load total counts every training batch, those after the last log included."""
+    from datasets import Dataset
+    from transformers import Trainer, TrainingArguments
+
+    from llama4x.monitoring import RoutingStatsCallback
+
+    model = tiny_model(num_experts_per_tok=1).train()
+    loads = []  # per training micro-batch, as the model returns them
+    model.model.register_forward_pre_hook(
+        lambda module, args, kwargs: (args, {**kwargs, "output_router_logits": True}), with_kwargs=True
+    )
+    model.model.register_forward_hook(
+        lambda module, args, out: loads.append(out.expert_load) if module.training else None
+    )
+    ids = random_ids(16, 16)
+    dataset = Dataset.from_dict({"input_ids": ids.tolist(), "labels": ids.tolist()})
+    args = TrainingArguments(
+        output_dir=str(tmp_path), per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=7,
+        logging_steps=3, eval_strategy="steps", eval_steps=2, report_to=[], save_strategy="no", use_cpu=True,
+        disable_tqdm=True,
+    )  # fmt: skip
+    callback = RoutingStatsCallback(per_layer=False)
+    trainer = Trainer(model=model, args=args, train_dataset=dataset, eval_dataset=dataset.select(range(4)),
+                      callbacks=[callback])  # fmt: skip
+    trainer.train()
+
+    assert len(loads) == 2 * 7
+    logged = {entry["step"]: entry for entry in trainer.state.log_history if "moe/max_violation" in entry}
+    assert all("loss" in entry for entry in logged.values()), "an evaluation log carries training routing stats"
+    assert sorted(logged) == [3, 6]
+    for step, entry in logged.items():
+        window_LE = torch.stack(loads[2 * (step - 3) : 2 * step]).sum(0).double()
+        violation = (window_LE.amax(-1) / window_LE.mean(-1) - 1).mean().item()
+        assert entry["moe/max_violation"] == pytest.approx(violation), step
+    assert torch.equal(callback.total_load, torch.stack(loads).sum(0))

@@ -16,12 +16,6 @@ from transformers.utils import logging
 
 logger = logging.get_logger(__name__)
 
-WEIGHT_PATTERNS = (
-    "model*.safetensors",
-    "model*.safetensors.index.json",
-    "pytorch_model*.bin",
-    "pytorch_model*.bin.index.json",
-)
 PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
 TRAINER_STATE = "trainer_state.json"
 CHECKPOINT_FOLDER = re.compile(rf"{PREFIX_CHECKPOINT_DIR}-(\d+)")  # the Trainer's checkpoint-N
@@ -39,7 +33,12 @@ def verify_safetensors_folder(folder: str | Path) -> None:
     index = folder / "model.safetensors.index.json"
     shards = set(folder.glob("*.safetensors"))
     if index.is_file():
-        listed = {folder / name for name in json.loads(index.read_text())["weight_map"].values()}
+        try:
+            listed = {folder / name for name in json.loads(index.read_text())["weight_map"].values()}
+        except (ValueError, KeyError, TypeError) as error:
+            raise ValueError(
+                f"Checkpoint file {index} is truncated or corrupt ({error!r}); save or copy it again."
+            ) from error
         missing = sorted(str(path) for path in listed - shards)
         if missing:
             raise ValueError(f"Checkpoint {folder} is incomplete: {index.name} lists missing shards {missing}.")
@@ -54,30 +53,47 @@ def verify_safetensors_folder(folder: str | Path) -> None:
             ) from error
 
 
-def save_staged(save: Callable[[Path], None], folder: str | Path) -> None:
-    """Run `save(staging)` into a fresh sibling folder, then move its files into `folder`, weights index last.
+def weight_patterns(variant: str | None) -> tuple[str, ...]:
+    """Glob patterns of the weight files `save_pretrained(variant=variant)` writes (one file, or shards and their
+    index); other variants' files, which a folder may hold beside them, do not match."""
+    tag = f".{variant}" if variant else ""
+    return (
+        f"model{tag}.safetensors",
+        f"model{tag}-?????-of-?????.safetensors",
+        f"model.safetensors.index{tag}.json",
+        f"pytorch_model{tag}.bin",
+        f"pytorch_model{tag}-?????-of-?????.bin",
+        f"pytorch_model.bin.index{tag}.json",
+    )
 
-    A save that fails or is killed while writing (the long part) leaves `folder` as it was. Before the (fast) moves
-    the folder's previous weight files are deleted, so no interruption can mix new and old shards, and a sharded save
-    over an unsharded one (or back) leaves no stale `model.safetensors` that transformers would load instead.
+
+def save_staged(save: Callable[[Path], None], folder: str | Path, variant: str | None = None) -> None:
+    """Run `save(staging)` into a fresh hidden folder inside `folder`, then move its files up, weights index last.
+
+    A save that fails or is killed while writing (the long part) leaves `folder`'s model as it was. Before the (fast)
+    moves the folder's previous weight files of this `variant` are deleted, so no interruption can mix new and old
+    shards, and a sharded save over an unsharded one (or back) leaves no stale `model.safetensors` that transformers
+    would load instead. Staging inside `folder` keeps the moves on its filesystem (a folder can be a mount point or a
+    link to another disk).
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.saving-", dir=folder.parent))
+    staging = Path(tempfile.mkdtemp(prefix=".saving-", dir=folder))
+    patterns = weight_patterns(variant)
     try:
         save(staging)
-        for pattern in WEIGHT_PATTERNS:
+        for pattern in patterns:
             for stale in folder.glob(pattern):
                 stale.unlink()
         # The files from_pretrained starts from (the index, or the one unsharded weights file) go last.
-        for path in sorted(staging.iterdir(), key=_is_weights_entry_point):
+        for path in sorted(staging.iterdir(), key=lambda path: _is_weights_entry_point(path, patterns)):
             os.replace(path, folder / path.name)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def _is_weights_entry_point(path: Path) -> bool:
-    is_weights = any(path.match(pattern) for pattern in WEIGHT_PATTERNS)
+def _is_weights_entry_point(path: Path, patterns: tuple[str, ...]) -> bool:
+    is_weights = any(path.match(pattern) for pattern in patterns)
     return is_weights and re.search(r"-\d{5}-of-\d{5}\.", path.name) is None
 
 

@@ -5,6 +5,7 @@ Shapes: B batch, S query length, L key length, nH query heads, nKV key/value hea
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -347,10 +348,14 @@ class Llama4XPreTrainedModel(PreTrainedModel):
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
         """transformers' `from_pretrained`, reading safetensors only unless `use_safetensors=False` is passed (pickled
         weights can run code), after checking a local folder's shards (a truncated or missing file is named)."""
-        if kwargs.get("use_safetensors") is not False:
-            refuse_pickle_weights(pretrained_model_name_or_path)
+        safetensors_only = kwargs.get("use_safetensors") is not False
+        if pretrained_model_name_or_path is not None:  # None: the weights come as `state_dict=`
+            folder = Path(pretrained_model_name_or_path, kwargs.get("subfolder") or "")
+            if safetensors_only:
+                refuse_pickle_weights(folder)
+            verify_safetensors_folder(folder)
+        if safetensors_only:
             kwargs["use_safetensors"] = True
-        verify_safetensors_folder(pretrained_model_name_or_path)
         return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
 
     def save_pretrained(self, save_directory, is_main_process: bool = True, *args, **kwargs):
@@ -362,7 +367,7 @@ class Llama4XPreTrainedModel(PreTrainedModel):
         def save(staging):
             super(Llama4XPreTrainedModel, self).save_pretrained(staging, is_main_process, *args, **kwargs)
 
-        save_staged(save, save_directory)
+        save_staged(save, save_directory, kwargs.get("variant"))
 
     def get_compiled_call(self, compile_config):
         # transformers returns the uncompiled call for every model_type containing "llama4" (which "llama4x" does);

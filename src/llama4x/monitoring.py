@@ -39,9 +39,9 @@ def plot_expert_load(load_LE: torch.Tensor, path: str | Path, title: str = "Toke
 
 
 class RoutingStatsCallback(TrainerCallback):
-    """Adds `moe/max_violation`, `moe/load_entropy` (means over MoE layers) and per-layer values to the Trainer
-    logs, from the training forward passes since the previous log; at the end of training saves the expert-load
-    heatmap of the whole run to `output_dir/expert_load.png`.
+    """Adds `moe/max_violation`, `moe/load_entropy` (means over MoE layers) and per-layer values to the Trainer's
+    training logs, from the training forward passes since the previous training log (evaluation logs get none); at
+    the end of training saves the expert-load heatmap of the whole run to `output_dir/expert_load.png`.
 
     `Trainer(..., callbacks=[RoutingStatsCallback()])` records them in `trainer.state.log_history`; use
     `RoutingStatsCallback.attach(trainer)` to also have them printed and sent to the reporting integrations.
@@ -59,11 +59,11 @@ class RoutingStatsCallback(TrainerCallback):
         return callback
 
     def on_log(self, args, state, control, logs=None, model=None, **kwargs):
-        text_model = find_text_model(model) if model is not None else None
-        load_LE = text_model.pop_expert_load() if text_model is not None else None
-        if logs is None or load_LE is None or load_LE.sum() == 0:
+        if logs is None or "loss" not in logs:  # evaluation results, the end-of-training summary
             return
-        self.total_load = load_LE.cpu() if self.total_load is None else self.total_load + load_LE.cpu()
+        load_LE = self._pop_load(model)
+        if load_LE is None:
+            return
         stats = routing_stats(load_LE)
         values = {
             "moe/max_violation": stats["max_violation"].mean().item(),
@@ -77,8 +77,20 @@ class RoutingStatsCallback(TrainerCallback):
         if state.log_history and state.log_history[-1].get("step") == state.global_step:
             state.log_history[-1].update(values)
 
-    def on_train_end(self, args, state, control, **kwargs):
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        self._pop_load(model)  # the steps after the last training log
         if self.total_load is not None and state.is_world_process_zero:
             plot_expert_load(
                 self.total_load, Path(args.output_dir) / "expert_load.png", "Tokens per expert (training)"
             )
+
+    def _pop_load(self, model) -> torch.Tensor | None:
+        """Tokens per expert `(num_moe_layers, E)` of the training forward passes since the last call, added to the
+        run's total; None if there were none."""
+        text_model = find_text_model(model) if model is not None else None
+        load_LE = text_model.pop_expert_load() if text_model is not None else None
+        if load_LE is None or load_LE.sum() == 0:
+            return None
+        load_LE = load_LE.cpu()
+        self.total_load = load_LE if self.total_load is None else self.total_load + load_LE
+        return load_LE
