@@ -171,3 +171,14 @@ def test_compiled_decoding_is_not_disabled_for_llama4x():
     compiled = model.get_compiled_call(None)
     assert compiled is not model.__call__
     assert model.get_compiled_call(None) is compiled, "the compiled call is cached"
+
+
+def test_return_dict_false_gives_the_output_fields_as_a_tuple():
+    model = tiny_model()
+    ids = random_ids(2, 9)
+    with torch.no_grad():
+        for module, extra in ((model, {"labels": ids}), (model.model, {})):
+            expected = module(ids, use_cache=False, **extra).to_tuple()
+            actual = module(ids, use_cache=False, return_dict=False, **extra)
+            assert type(actual) is tuple and len(actual) == len(expected), type(module).__name__
+            assert all(torch.equal(a, e) for a, e in zip(actual, expected)), type(module).__name__
