@@ -159,7 +159,7 @@ class DemoSettings:
     def create(
         cls, quick: bool = False, seed: int = 0, minutes: float | None = None, fusion: str = "patch", **overrides
     ) -> DemoSettings:
-        """The default run, or with `quick` the smoke-sized one (about 2 minutes on 2 cores, lower targets)."""
+        """The default run, or with `quick` the smoke-sized one (about 1 minute on 2 cores, lower targets)."""
         fields = {"seed": seed, "quick": quick, "minutes": minutes, "fusion": fusion}
         if fusion == "encoder":
             # The ViT overfits the 1,438 scans more than the patch projection does: with 16-pixel (upsampled) scans

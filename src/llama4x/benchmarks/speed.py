@@ -257,12 +257,13 @@ def bench_train(
     compiled: bool = False,
 ) -> dict:  # fmt: skip
     """Whole-model forward + backward on random tokens: seconds per step and tokens/s. `compiled`: llama4x and the
-    dense Llama under `torch.compile(fullgraph=True)` (compilation in the warm-up step), Llama 4 left out."""
+    dense Llama under `torch.compile(fullgraph=True)` (compilation in two warm-up steps: llama4x recompiles once, at its
+    second step, when its expert-load totals exist), Llama 4 left out."""
     models = build_models(shapes, dtype, device, which=("llama4x", "dense_llama") if compiled else MODELS)
     input_ids = torch.randint(0, shapes.vocab_size, (batch, seq), device=device)
     forwards = {n: torch.compile(m, fullgraph=True) if compiled else m for n, m in models.items()}
 
-    timer = Timer(device, repeats)
+    timer = Timer(device, repeats, warmup=2 if compiled else 1)
     steps = {n: (lambda m=m, f=forwards[n]: _train_step(m, input_ids, f)) for n, m in models.items()}
     seconds = timer.run_interleaved(steps, "train")
     ours, dense = models["llama4x"], models["dense_llama"]
