@@ -256,7 +256,9 @@ def make_parser() -> argparse.ArgumentParser:
         "models, report.md, report.json and plots to --out. Rerunning into the same --out resumes a run.",
     )
     demo.add_argument("--out", default="./llama4x-demo", help="output folder (default: %(default)s)")
-    demo.add_argument("--quick", action="store_true", help="a smoke-sized run (about 1 minute on 2 cores, lower targets)")
+    demo.add_argument(
+        "--quick", action="store_true", help="a smoke-sized run (about 1 minute on 2 cores, lower targets)"
+    )
     demo.add_argument(
         "--minutes",
         type=_finite_float,
