@@ -28,7 +28,7 @@ from .modeling_llama4x import (
     Llama4XTextModel,
     causal_lm_loss,
 )
-from .validation import check_text_inputs
+from .validation import check_input_ids
 from .vision import Llama4XMultiModalProjector, Llama4XVisionModel
 
 
@@ -185,9 +185,8 @@ class Llama4XModel(Llama4XMultimodalPreTrainedModel):
             raise ValueError("Pass exactly one of `input_ids` and `inputs_embeds`.")
         image_features = None
         if input_ids is not None:
-            # The decoder sees only the embeddings: the ids (dtype, shape, range) are checked before embedding them.
-            past_seen = cache.get_seq_length() if cache is not None else 0
-            check_text_inputs(self.config.text_config, input_ids, None, attention_mask, position_ids, past_seen)
+            # The decoder sees only the embeddings (and checks the rest): the ids are checked before embedding them.
+            check_input_ids(self.config.text_config, input_ids)
             inputs_embeds, image_features = self.embed_inputs(input_ids, pixel_values, cache)
         elif pixel_values is not None:
             raise ValueError(

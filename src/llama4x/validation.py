@@ -25,7 +25,7 @@ def check_text_inputs(
     if is_torchdynamo_compiling():
         return
     if input_ids is not None:
-        _check_input_ids(config, input_ids)
+        check_input_ids(config, input_ids)
         batch, seq_len = input_ids.shape
     else:
         if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != config.hidden_size:
@@ -66,7 +66,10 @@ def _check_positions(
         )
 
 
-def _check_input_ids(config: Llama4XTextConfig, input_ids: torch.Tensor) -> None:
+def check_input_ids(config: Llama4XTextConfig, input_ids: torch.Tensor) -> None:
+    """Token ids: integer dtype, `(batch, sequence)`, in `[0, vocab_size)` (the range on whole sequences only)."""
+    if is_torchdynamo_compiling():
+        return
     if input_ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
         raise TypeError(f"`input_ids` must hold integer token ids; got dtype {input_ids.dtype}.")
     if input_ids.dim() != 2:
