@@ -374,6 +374,10 @@ def test_do_convert_rgb_false_requires_rgb():
         ({"max_patches": 0}, r"`max_patches`=0"),
         ({"max_image_pixels": -1}, r"`max_image_pixels`=-1"),
         ({"do_resize": False}, r"`do_resize`=False"),
+        ({"image_std": [0.5, 0.0, 0.5]}, r"`image_std`=.0.5, 0.0, 0.5.: every standard deviation must be > 0"),
+        ({"image_std": -1.0}, r"`image_std`=-1.0: every standard deviation must be > 0"),
+        ({"image_mean": [0.5, 0.5]}, r"`image_mean`=.0.5, 0.5.: expected one finite number or one per RGB"),
+        ({"image_mean": float("nan")}, r"`image_mean`=nan"),
     ],
 )
 def test_invalid_settings_raise_at_construction_and_call(kwargs, message):
@@ -384,6 +388,11 @@ def test_invalid_settings_raise_at_construction_and_call(kwargs, message):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_zero_std_is_accepted_when_normalisation_is_off():
+    pixels = make_processor()(solid(5, 5), do_normalize=False, image_std=0.0)["pixel_values"]
+    assert np.isfinite(pixels).all()
 
 
 def test_save_and_load_round_trip(tmp_path):

@@ -351,6 +351,7 @@ class Llama4XImageProcessor(PilBackend):
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
         self._check_tiling_kwargs(self.size, self.max_patches, self.max_image_pixels, self.do_resize)
+        self._check_normalization(self.image_mean, self.image_std)
 
     @staticmethod
     def _check_tiling_kwargs(size: Any, max_patches: Any, max_image_pixels: Any, do_resize: Any) -> None:
@@ -364,11 +365,23 @@ class Llama4XImageProcessor(PilBackend):
         if not do_resize:
             raise ValueError("Invalid `do_resize`=False: tiling always resizes images to their best-fit canvas.")
 
+    @staticmethod
+    def _check_normalization(image_mean: Any, image_std: Any) -> None:
+        """`image_mean` and `image_std`: one value or one per RGB channel, finite; every std > 0."""
+        for name, value in (("image_mean", image_mean), ("image_std", image_std)):
+            values = np.atleast_1d(np.asarray(value, dtype=np.float64))
+            if values.ndim != 1 or len(values) not in (1, 3) or not np.isfinite(values).all():
+                raise ValueError(f"Invalid `{name}`={value!r}: expected one finite number or one per RGB channel (3).")
+        if not (np.asarray(image_std, dtype=np.float64) > 0).all():
+            raise ValueError(f"Invalid `image_std`={image_std!r}: every standard deviation must be > 0 (it divides).")
+
     def _validate_preprocess_kwargs(self, **kwargs) -> None:
         super()._validate_preprocess_kwargs(**kwargs)
         self._check_tiling_kwargs(
             kwargs["size"], kwargs.get("max_patches"), kwargs.get("max_image_pixels"), kwargs.get("do_resize")
         )
+        if kwargs.get("do_normalize"):
+            self._check_normalization(kwargs.get("image_mean"), kwargs.get("image_std"))
 
     def _prepare_images_structure(self, images: Any, expected_ndims: int = 3) -> list[Any]:
         # Our own flattening: clear errors for non-images, and no fetching of URLs (no network at run time).
