@@ -225,6 +225,34 @@ def test_trainer_applies_one_bias_update_per_optimizer_step_and_logs_routing_sta
     assert (tmp_path / "expert_load.png").stat().st_size > 0
 
 
+@pytest.mark.parametrize("restore_callback_states", [False, True])
+def test_expert_load_heatmap_of_a_resumed_run_counts_the_steps_before_the_checkpoint(tmp_path, restore_callback_states):
+    """A run resumed from a mid-run checkpoint (saved between two training logs) ends with the same expert-load total
+    as the uninterrupted run, whether or not the Trainer restores callback states itself."""
+    ids = random_ids(16, 16)
+    dataset = Dataset.from_dict({"input_ids": ids.tolist(), "labels": ids.tolist()})
+
+    def train(output_dir, max_steps, resume=None):
+        torch.manual_seed(0)
+        model = tiny_model(num_experts_per_tok=1).train()
+        args = TrainingArguments(
+            output_dir=str(output_dir), per_device_train_batch_size=2, max_steps=max_steps, logging_steps=3,
+            save_strategy="steps", save_steps=4, report_to=[], use_cpu=True, disable_tqdm=True, seed=0,
+            restore_callback_states_from_checkpoint=restore_callback_states,
+        )  # fmt: skip
+        trainer = Trainer(model=model, args=args, train_dataset=dataset, callbacks=[RoutingStatsCallback()])
+        trainer.train(resume_from_checkpoint=resume)
+        (callback,) = [c for c in trainer.callback_handler.callbacks if isinstance(c, RoutingStatsCallback)]
+        return callback.total_load
+
+    full = train(tmp_path / "full", 7)
+    train(tmp_path / "interrupted", 4)  # checkpoint-4 holds steps 1-4; its last log was at step 3
+    resumed = train(tmp_path / "interrupted", 7, resume=str(tmp_path / "interrupted" / "checkpoint-4"))
+    assert full.sum() == 7 * 2 * 16 * 4, "7 steps x 2 rows x 16 tokens x 4 MoE layers"
+    assert torch.equal(resumed.to(full.dtype), full)
+    assert (tmp_path / "interrupted" / "expert_load.png").stat().st_size > 0
+
+
 @settings(max_examples=50, deadline=None)
 @given(
     seed=st.integers(0, 2**31 - 1),

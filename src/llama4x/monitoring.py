@@ -4,6 +4,7 @@ from pathlib import Path
 
 import torch
 from transformers import TrainerCallback
+from transformers.trainer_callback import ExportableState
 
 from .balancing import routing_stats
 
@@ -38,10 +39,13 @@ def plot_expert_load(load_LE: torch.Tensor, path: str | Path, title: str = "Toke
     return path
 
 
-class RoutingStatsCallback(TrainerCallback):
+class RoutingStatsCallback(TrainerCallback, ExportableState):
     """Adds `moe/max_violation`, `moe/load_entropy` (means over MoE layers) and per-layer values to the Trainer's
     training logs, from the training forward passes since the previous training log (evaluation logs get none); at
     the end of training saves the expert-load heatmap of the whole run to `output_dir/expert_load.png`.
+
+    The run's total travels in each checkpoint's `trainer_state.json`, so a run resumed from a checkpoint plots every
+    step since the start, not only the resumed ones.
 
     `Trainer(..., callbacks=[RoutingStatsCallback()])` records them in `trainer.state.log_history`; use
     `RoutingStatsCallback.attach(trainer)` to also have them printed and sent to the reporting integrations.
@@ -49,7 +53,8 @@ class RoutingStatsCallback(TrainerCallback):
 
     def __init__(self, per_layer: bool = True):
         self.per_layer = per_layer
-        self.total_load: torch.Tensor | None = None
+        self.total_load: torch.Tensor | None = None  # (num_moe_layers, E) tokens per expert since the run began
+        self._since_log: torch.Tensor | None = None  # the same, since the last training log
 
     @classmethod
     def attach(cls, trainer, **kwargs) -> "RoutingStatsCallback":
@@ -58,10 +63,28 @@ class RoutingStatsCallback(TrainerCallback):
         trainer.callback_handler.callbacks.insert(0, callback)
         return callback
 
+    def state(self) -> dict:
+        """What a checkpoint keeps (`ExportableState`): the run's expert-load total, as JSON lists."""
+        total = None if self.total_load is None else self.total_load.tolist()
+        return {"args": {"per_layer": self.per_layer}, "attributes": {"total_load": total}}
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        # A resumed run's state holds the checkpoint's total (a fresh run's: this callback's own, as built).
+        saved = state.stateful_callbacks.get(type(self).__name__)
+        saved = saved[0] if isinstance(saved, list) else saved
+        total = None if saved is None else saved["attributes"]["total_load"]
+        self.total_load = None if total is None else torch.as_tensor(total)
+        self._since_log = None
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if control.should_save:  # the checkpoint saved after this step records every step up to it
+            self._collect(model)
+
     def on_log(self, args, state, control, logs=None, model=None, **kwargs):
         if logs is None or "loss" not in logs:  # evaluation results, the end-of-training summary
             return
-        load_LE = self._pop_load(model)
+        self._collect(model)
+        load_LE, self._since_log = self._since_log, None
         if load_LE is None:
             return
         stats = routing_stats(load_LE)
@@ -78,19 +101,19 @@ class RoutingStatsCallback(TrainerCallback):
             state.log_history[-1].update(values)
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
-        self._pop_load(model)  # the steps after the last training log
+        self._collect(model)  # the steps after the last training log
         if self.total_load is not None and state.is_world_process_zero:
             plot_expert_load(
                 self.total_load, Path(args.output_dir) / "expert_load.png", "Tokens per expert (training)"
             )
 
-    def _pop_load(self, model) -> torch.Tensor | None:
-        """Tokens per expert `(num_moe_layers, E)` of the training forward passes since the last call, added to the
-        run's total; None if there were none."""
+    def _collect(self, model) -> None:
+        """Move the tokens per expert `(num_moe_layers, E)` of the training forward passes since the last call from
+        the model into the since-last-log and whole-run totals."""
         text_model = find_text_model(model) if model is not None else None
         load_LE = text_model.pop_expert_load() if text_model is not None else None
         if load_LE is None or load_LE.sum() == 0:
-            return None
+            return
         load_LE = load_LE.cpu()
+        self._since_log = load_LE if self._since_log is None else self._since_log + load_LE
         self.total_load = load_LE if self.total_load is None else self.total_load + load_LE
-        return load_LE
