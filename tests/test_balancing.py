@@ -226,7 +226,7 @@ def test_trainer_applies_one_bias_update_per_optimizer_step_and_logs_routing_sta
 
 
 @pytest.mark.parametrize("restore_callback_states", [False, True])
-def test_expert_load_heatmap_of_a_resumed_run_counts_the_steps_before_the_checkpoint(tmp_path, restore_callback_states):
+def test_resumed_run_expert_load_counts_the_steps_before_the_checkpoint(tmp_path, restore_callback_states):
     """A run resumed from a mid-run checkpoint (saved between two training logs) ends with the same expert-load total
     as the uninterrupted run, whether or not the Trainer restores callback states itself."""
     ids = random_ids(16, 16)
