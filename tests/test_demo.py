@@ -1,6 +1,7 @@
 """Tests for `llama4x demo`: the quick run end to end in a subprocess (outputs, finite numbers, loadable models,
 resuming), and the stage orchestration (skip, redo, failure, settings) with stand-in stages."""
 
+import dataclasses
 import json
 import math
 import subprocess
@@ -122,6 +123,45 @@ def test_quick_demo_models_load_with_the_auto_classes_and_reproduce_the_report(q
     llama = AutoModelForCausalLM.from_pretrained(out / "students" / "llama")
     assert type(llama).__name__ == "LlamaForCausalLM"
     assert len(AutoTokenizer.from_pretrained(out / "students" / "llama")) == llama.config.vocab_size
+
+
+def test_students_of_several_seeds_are_saved_and_reported_by_their_mean(quick_run, tmp_path):
+    """`distill_seeds=2`: each pair is trained per seed (different data orders and digits subsets, so different
+    students), saved in its own folder, and the report's rows are the means of the per-seed values, which are
+    listed."""
+    import shutil
+
+    from llama4x import demo_report
+
+    out, report, _, _ = quick_run
+    for folder in ("tokenizer", "teacher"):
+        shutil.copytree(out / folder, tmp_path / folder)
+    fields = {**report["settings"], "distill_seeds": 2, "distill_steps": 3, "eval_digits": 12, "eval_text_blocks": 4}
+    run = demo.DemoRun(tmp_path, demo.DemoSettings(**fields), verbose=False)
+    result = demo.stage_distill(run)
+
+    assert demo.student_folder(run, "llama4x", 0) == tmp_path / "students" / "llama4x"
+    seed_1 = tmp_path / "students" / "llama4x" / "seed_1"
+    first = AutoModelForImageTextToText.from_pretrained(tmp_path / "students" / "llama4x")
+    second = AutoModelForImageTextToText.from_pretrained(seed_1)
+    assert (seed_1 / "labels_only" / "config.json").is_file()
+    assert any(not a.equal(b) for a, b in zip(first.parameters(), second.parameters())), "seed 1 repeats seed 0"
+    assert result["students"]["llama4x"]["seeds"] == [0, 1]
+    assert result["students"]["llama4x"]["train_examples"] == round(1438 * run.settings.distill_digits_fraction)
+    for key in ("llama4x/distilled", "llama4x/labels_only", "llama/distilled", "llama/labels_only"):
+        entry = result["evaluation"][key]
+        for metric, values in entry["per_seed"].items():
+            assert len(values) == 2 and entry[metric] == pytest.approx(sum(values) / 2), (key, metric)
+    # seed 0's saved distilled student gives its listed perplexity
+    blocks = demo.DemoData(run.settings).text_blocks(AutoTokenizer.from_pretrained(tmp_path / "tokenizer"), "eval")
+    assert perplexity(first, block_batches(blocks)) == pytest.approx(
+        result["evaluation"]["llama4x/distilled"]["per_seed"]["text_perplexity"][0], rel=1e-5
+    )
+
+    written = demo_report.write_report(tmp_path, dataclasses.replace(run.settings, quick=False), {"distill": result})
+    text = (tmp_path / "report.md").read_text()
+    assert "Per seed (0, 1):" in text and "the student rows are the means over those seeds" in text
+    assert "llama4x student digits accuracy: distilled vs labels-only (means of 2 seeds)" in written["targets"]
 
 
 def test_generate_command_runs_the_demos_text_student(quick_run, capsys):
@@ -264,6 +304,8 @@ def test_report_times_and_saved_models_are_those_of_the_reported_stages_only(tmp
         ({"minutes": 0}, "minutes"),
         ({"teacher_steps": 0}, "teacher_steps"),
         ({"attention_chunk_size": 128}, "attention_chunk_size"),
+        ({"distill_digits_fraction": 1.5}, "distill_digits_fraction"),
+        ({"distill_digits_fraction": 0}, "distill_digits_fraction"),
     ],
 )
 def test_invalid_settings_name_the_field(overrides, field):

@@ -209,14 +209,16 @@ def targets(settings, results: dict[str, Any]) -> dict[str, dict[str, Any]]:
         }  # fmt: skip
     if settings.quick:  # a few steps of distillation compare noise, not methods
         return checks
+    seeds = len(results.get("distill", {}).get("students", {}).get("llama4x", {}).get("seeds", [None]))
+    over = f" (means of {seeds} seeds)" if seeds > 1 else ""
     if "llama4x/distilled" in students:
         d, b = students["llama4x/distilled"]["digits_accuracy"], students["llama4x/labels_only"]["digits_accuracy"]
-        checks["llama4x student digits accuracy: distilled vs labels-only"] = {
+        checks[f"llama4x student digits accuracy: distilled vs labels-only{over}"] = {
             "value": d, "target": f"> {b:.3f}", "met": d > b,
         }  # fmt: skip
     if "llama/distilled" in students:
         d, b = students["llama/distilled"]["text_perplexity"], students["llama/labels_only"]["text_perplexity"]
-        checks["llama student text perplexity: distilled vs labels-only"] = {
+        checks[f"llama student text perplexity: distilled vs labels-only{over}"] = {
             "value": d, "target": f"< {b:.2f}", "met": d < b,
         }  # fmt: skip
     return checks
@@ -317,12 +319,16 @@ def markdown(report: dict[str, Any]) -> str:
     distill = report.get("distillation")
     if distill:
         ev_s = distill["evaluation"]
+        seeds = distill["students"]["llama"]["seeds"]
         lines += [
             "", "## Distillation into dense students", "",
             "Each student starts from the teacher's weights (embeddings, attention, norms, vision front-end; FFN = "
             "shared expert + routed experts merged by routing frequency) and is trained the same steps twice: "
             f"distilled (forward KL to the teacher at temperature {distill['students']['llama']['temperature']:g}, "
-            f"weight {distill['students']['llama']['alpha']:g}, plus the label loss) and on the labels only.", "",
+            f"weight {distill['students']['llama']['alpha']:g}, plus the label loss) and on the labels only. "
+            f"Each pair is trained with seeds {', '.join(map(str, seeds))} (the order of its data, and for the "
+            "digits students the subset of labelled scans they learn from); the student rows are the means over "
+            "those seeds.", "",
             "| model | data | steps | parameters | digits accuracy | digits answer perplexity | text perplexity "
             "| decode tokens/s |",
             "|---|---|---:|---:|---:|---:|---:|---:|",
@@ -335,14 +341,31 @@ def markdown(report: dict[str, Any]) -> str:
                 f"{ev_s['teacher']['decode_tokens_per_second']:.0f} |"
             )
         for kind, student in distill["students"].items():
+            data = student["data"] if kind == "llama" else f"{student['data']} ({student['train_examples']:,} scans)"
             for name in ("distilled", "labels_only"):
                 e = ev_s[f"{kind}/{name}"]
                 acc = _pct(e["digits_accuracy"]) if "digits_accuracy" in e else "(text only)"
                 answer = f"{e['digits_answer_perplexity']:.4f}" if "digits_answer_perplexity" in e else ""
                 lines.append(
-                    f"| {kind} student, {name.replace('_', '-')} | {student['data']} | {student['steps']} | "
+                    f"| {kind} student, {name.replace('_', '-')} | {data} | {student['steps']} | "
                     f"{student['parameters']:,} | {acc} | {answer} | {e['text_perplexity']:.2f} | "
                     f"{e['decode_tokens_per_second']:.0f} |"
+                )
+        if len(seeds) > 1:
+            lines += ["", f"Per seed ({', '.join(map(str, seeds))}):", ""]
+            for key, metric, show in (
+                ("llama4x", "digits_accuracy", _pct),
+                ("llama", "text_perplexity", lambda v: f"{v:.2f}"),
+            ):
+                runs = {name: ev_s[f"{key}/{name}"]["per_seed"][metric] for name in ("distilled", "labels_only")}
+                wins = sum(
+                    (d > b) if metric == "digits_accuracy" else (d < b)
+                    for d, b in zip(runs["distilled"], runs["labels_only"])
+                )
+                lines.append(
+                    f"- {key} student, {metric.replace('_', ' ')}: distilled "
+                    f"{' / '.join(show(v) for v in runs['distilled'])}; labels-only "
+                    f"{' / '.join(show(v) for v in runs['labels_only'])}; distilled better in {wins} of {len(seeds)}"
                 )
     lines += ["", "## Plots", ""]
     lines += [f"![{name}](plots/{name})" for name in report["plots"]]
@@ -358,11 +381,12 @@ SAVED = {
     "lora_parity/": ("lora", "PEFT adapter: PeftModel.from_pretrained(teacher, 'lora_parity')"),
     "students/llama4x/": (
         "distill",
-        "AutoModelForImageTextToText + AutoProcessor (dense llama4x student; labels_only/ inside)",
+        "AutoModelForImageTextToText + AutoProcessor (dense llama4x student; labels_only/ and the further seeds' "
+        "seed_<n>/ inside)",
     ),
     "students/llama/": (
         "distill",
-        "AutoModelForCausalLM + AutoTokenizer (LlamaForCausalLM student; labels_only/ inside)",
+        "AutoModelForCausalLM + AutoTokenizer (LlamaForCausalLM student; labels_only/ and seed_<n>/ inside)",
     ),
 }
 
