@@ -38,6 +38,16 @@ def test_python_docs_texts_hold_each_topic_text_once_so_splits_do_not_leak():
         assert not set(train) & set(evals), f"seed {seed}: an eval document is also in train"
 
 
+def test_python_docs_split_is_one_fixed_partition_whose_smaller_eval_sets_nest_in_larger_ones():
+    from llama4x.data import python_docs_split
+
+    train, evals = python_docs_split()
+    assert sorted(train + evals) == sorted(python_docs_texts()) and not set(train) & set(evals)
+    assert len(evals) == round(len(python_docs_texts()) * 0.1)
+    assert (train, evals) == python_docs_split(0.1)
+    assert set(python_docs_split(0.05)[1]) < set(evals) < set(python_docs_split(0.2)[1])
+
+
 def test_train_eval_split_is_a_seeded_partition():
     texts = [f"doc {i}" for i in range(50)]
     train, evals = train_eval_split(texts, eval_fraction=0.1, seed=3)

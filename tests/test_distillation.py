@@ -570,6 +570,29 @@ def test_distill_command_writes_the_student_the_baseline_and_the_report(text_tea
     assert isinstance(AutoModelForCausalLM.from_pretrained(out), LlamaForCausalLM)
 
 
+@pytest.mark.parametrize("eval_fraction, seen", [(0.0, 8), (0.05, 4), (0.1, None), (0.2, None)])
+def test_distill_refuses_a_teacher_trained_on_the_docs_it_holds_out(tmp_path, eval_fraction, seen):
+    """A teacher from `llama4x train --dataset pydocs` with a smaller `--eval_fraction` trained on some of the 8
+    documents `distill` evaluates on; one with 0.1 or more trained on none of them."""
+    from llama4x.distillation import distill
+    from llama4x.training import main as train_main
+
+    teacher = tmp_path / "teacher"
+    train_main(["--preset", "tiny", "--dataset", "pydocs", "--eval_fraction", str(eval_fraction), "--max_steps", "1",
+                "--per_device_train_batch_size", "1", "--block_size", "32", "--tokenizer_vocab_size", "300",
+                "--output_dir", str(teacher), "--use_cpu", "--report_to", "none", "--save_strategy", "no",
+                "--disable_tqdm", "true", "--eval_strategy", "no"])  # fmt: skip
+    job = dict(student_kind="llama", layers=1, steps=1, batch_size=1, block_size=16, eval_size=1,
+               calibration_batches=1, baseline=False)  # fmt: skip
+    if seen is None:
+        distill(teacher, tmp_path / "out", **job)
+        assert (tmp_path / "out" / "distillation_report.json").is_file()
+    else:
+        with pytest.raises(ValueError, match=f"trained on {seen} of the 8 documents that distill holds out.*"
+                                             f"--eval_fraction {eval_fraction}"):  # fmt: skip
+            distill(teacher, tmp_path / "out", **job)
+
+
 def test_calibration_stops_where_the_rows_run_out_and_a_negative_count_is_refused(text_teacher_dir, tmp_path):
     from llama4x.distillation import collated_batches, distill
 

@@ -140,6 +140,17 @@ def test_invalid_data_options_are_refused_naming_the_flag(flag, value):
         parse_args(["--preset", "tiny", flag, value])
 
 
+@pytest.mark.parametrize("seed", [0, 42])
+def test_pydocs_holds_out_the_bundled_docs_fixed_split_whatever_the_seed(seed):
+    """`llama4x train --dataset pydocs` holds out the documents `llama4x distill` and the demo evaluate on."""
+    from llama4x.data import python_docs_split
+    from llama4x.training import load_raw_data
+
+    _, train_rows, eval_rows, _ = load_raw_data(DataArguments(dataset="pydocs", eval_fraction=0.1), seed)
+    train_docs, eval_docs = python_docs_split(0.1)
+    assert eval_rows["text"] == eval_docs and train_rows["text"] == train_docs
+
+
 def test_parser_reaches_training_arguments_and_lora_options():
     model_args, data_args, lora_args, training_args = parse_args(
         ["--preset", "tiny", "--dataset", "pydocs", "--lora", "--lora-r", "4", "--gradient-checkpointing",

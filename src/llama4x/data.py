@@ -63,6 +63,14 @@ def train_eval_split(texts: Sequence[T], eval_fraction: float = 0.1, seed: int =
     return [texts[i] for i in train_idx], [texts[i] for i in eval_idx]
 
 
+def python_docs_split(eval_fraction: float = 0.1) -> tuple[list[str], list[str]]:
+    """`(train, eval)` documents of `python_docs_texts()`: the one split that every llama4x command uses for the
+    bundled docs (`train`, `distill`, `demo`, `bench balance`), whatever their seeds, so a student is never evaluated
+    on documents its teacher trained on. One fixed order, cut at `eval_fraction`: the eval documents of a smaller
+    fraction are among those of a larger one."""
+    return train_eval_split(python_docs_texts(), eval_fraction=eval_fraction, seed=0)
+
+
 def pack_token_ids(
     sequences: Sequence[Sequence[int]],
     block_size: int,

@@ -68,8 +68,7 @@ from .data import (
     lm_rows,
     make_lm_blocks,
     parity_records,
-    python_docs_texts,
-    train_eval_split,
+    python_docs_split,
 )
 from .evaluation import answer_questions, exact_match, perplexity
 from .tokenization import EOT_TOKEN, SPECIAL_TOKENS
@@ -231,9 +230,7 @@ class DemoData:
 
     def __init__(self, settings: DemoSettings):
         self.settings = settings
-        self.train_texts, self.eval_texts = train_eval_split(
-            python_docs_texts(), eval_fraction=settings.eval_fraction, seed=settings.seed
-        )
+        self.train_texts, self.eval_texts = python_docs_split(settings.eval_fraction)
         self._digits: tuple[list[dict[str, Any]], list[dict[str, Any]]] | None = None
 
     @property

@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import json
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -34,7 +35,7 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments, default_data_collator, set_seed
 from transformers.utils import logging
 
-from .data import lm_rows, python_docs_texts, train_eval_split
+from .data import lm_rows, python_docs_split
 from .distillation_cache import (
     CACHE_DTYPES,
     CACHE_KEYS,
@@ -370,6 +371,32 @@ def distillation_training_arguments(
     return TrainingArguments(**{**fields, **overrides})
 
 
+def check_teacher_held_out_docs(teacher: str | Path, eval_fraction: float = 0.1) -> None:
+    """Refuse a teacher that trained on documents which `distill` holds out of the bundled docs: one `llama4x train`
+    trained on pydocs with a smaller `--eval_fraction` (its `train_results.json` records it). A distilled student
+    would learn those documents from the teacher's soft targets and look better than it is."""
+    record = Path(teacher) / "train_results.json"
+    if not record.is_file():
+        return
+    data = json.loads(record.read_text()).get("data")
+    if data is None:
+        logger.warning(
+            f"{record} does not record the teacher's data split (written before llama4x recorded it): if the teacher "
+            "trained on the bundled docs, it may have trained on the documents `distill` evaluates on."
+        )
+        return
+    if data["dataset"] != "pydocs" or data["eval_fraction"] >= eval_fraction:
+        return
+    held_out = python_docs_split(eval_fraction)[1]
+    never_seen = python_docs_split(data["eval_fraction"])[1] if data["eval_fraction"] > 0 else []
+    seen = len(set(held_out) - set(never_seen))
+    raise ValueError(
+        f"The teacher in {teacher} trained on {seen} of the {len(held_out)} documents that distill holds out of the "
+        f"bundled docs: it was trained with --eval_fraction {data['eval_fraction']} ({record.name}), distill "
+        f"evaluates on the split at {eval_fraction}. Train the teacher with --eval_fraction {eval_fraction} or more."
+    )
+
+
 def distill(
     teacher: str | Path,
     out: str | Path,
@@ -424,6 +451,8 @@ def distill(
     start = time.perf_counter()
     set_seed(seed)
     teacher_model, processing, composite = _load_teacher(teacher)
+    if dataset in (None, "pydocs"):
+        check_teacher_held_out_docs(teacher)
     tokenizer = processing.tokenizer if composite else processing
     dataset = dataset or ("digits" if composite and student_kind == "llama4x" else "pydocs")
     if dataset == "digits" and not (composite and student_kind == "llama4x"):
@@ -442,7 +471,7 @@ def distill(
         collator = DigitsCollator(processing)
         eval_rows = digits_test
     else:
-        train_texts, eval_texts = train_eval_split(python_docs_texts(), seed=seed)
+        train_texts, eval_texts = python_docs_split()
         train_rows = lm_rows(tokenizer, train_texts, block_size)
         eval_rows = lm_rows(tokenizer, eval_texts, block_size)[:eval_size]
         collator = default_data_collator

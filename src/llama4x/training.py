@@ -49,7 +49,7 @@ from transformers import HfArgumentParser, PreTrainedTokenizerBase, Trainer, Tra
 from transformers.utils import logging
 
 from .checkpoints import last_complete_checkpoint, verify_trainer_checkpoint
-from .data import IGNORE_INDEX, open_image, pack_token_ids, python_docs_texts
+from .data import IGNORE_INDEX, open_image, pack_token_ids, python_docs_split, python_docs_texts
 from .monitoring import RoutingStatsCallback, find_text_model
 from .tokenization import CHAT_TEMPLATE
 
@@ -101,7 +101,11 @@ class DataArguments:
         default=None, metadata={"help": "Separate eval file (same format); otherwise --eval-fraction is held out."}
     )
     eval_fraction: float = field(
-        default=0.1, metadata={"help": "Share of the examples (documents) held out for evaluation; 0 disables it."}
+        default=0.1,
+        metadata={
+            "help": "Share of the examples (documents) held out for evaluation; 0 disables it. For pydocs, the "
+            "bundled docs' fixed split (`llama4x.data.python_docs_split`), whatever the seed."
+        },
     )
     block_size: int = field(
         default=256, metadata={"help": "Tokens per packed block; the maximum length of other examples."}
@@ -355,8 +359,11 @@ def load_raw_data(data_args: DataArguments, seed: int = 0) -> tuple[str, Any, An
     if data_args.dataset == "pydocs":
         import datasets
 
-        rows = datasets.Dataset.from_dict({data_args.text_column: python_docs_texts()})
-        return ("lm", *_split(rows, data_args.eval_fraction, seed), None)
+        column = data_args.text_column
+        if data_args.eval_fraction == 0:
+            return "lm", datasets.Dataset.from_dict({column: python_docs_texts()}), None, None
+        train, held_out = python_docs_split(data_args.eval_fraction)  # the split `distill` and the demo use too
+        return "lm", datasets.Dataset.from_dict({column: train}), datasets.Dataset.from_dict({column: held_out}), None
     if data_args.dataset == "digits":
         from .data import digits_vqa
 
@@ -780,7 +787,13 @@ def train(
     trainer.save_model()
     if trainer.is_world_process_zero():
         trainer.save_state()
-        results = {"metrics": metrics, "log_history": trainer.state.log_history, "data_kind": kind}
+        results = {
+            "metrics": metrics,
+            "log_history": trainer.state.log_history,
+            "data_kind": kind,
+            # what `llama4x distill` checks: that it holds out no document this model trained on
+            "data": {"dataset": data_args.dataset, "eval_fraction": data_args.eval_fraction},
+        }
         (output_dir / "train_results.json").write_text(json.dumps(results, indent=2) + "\n")
         plot_losses(trainer.state.log_history, output_dir / "loss_curve.png")
     return metrics

@@ -35,7 +35,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..balancing import load_entropy, max_violation
-from ..data import block_batches, make_lm_blocks, python_docs_texts, train_eval_split
+from ..data import block_batches, make_lm_blocks, python_docs_split
 from ..evaluation import evaluating, next_token_loss_sum
 from ..tokenization import train_tokenizer
 
@@ -207,7 +207,8 @@ def run_balance_benchmark(
         out_dir: folder for `results.json`, `results.md` and the PNG plots (created if missing).
         steps: optimizer steps per variant, each on `batch_size` blocks of `block_size` tokens. Default
             `DEFAULT_STEPS`, or `QUICK_STEPS` with `quick`.
-        seed: seeds the data split, the initial weights (shared by all variants) and the batch order.
+        seed: seeds the initial weights (shared by all variants) and the batch order (the docs' split is fixed,
+            `llama4x.data.python_docs_split`).
         quick: a smoke-sized run: `QUICK_STEPS` steps and `QUICK_EVAL_BLOCKS` held-out blocks unless given.
         variants: names from `VARIANTS` to run (default: all four, in that order).
         aux_loss_coef: `router_aux_loss_coef` of the aux-loss variants.
@@ -215,7 +216,7 @@ def run_balance_benchmark(
         batch_size, block_size: batch shape.
         lr, warmup_steps: AdamW learning rate, reached linearly over `warmup_steps`, then constant.
         vocab_size: tokenizer vocabulary size (the model's `vocab_size` follows `len(tokenizer)`).
-        eval_fraction: share of the documents held out (`llama4x.data.train_eval_split`).
+        eval_fraction: share of the documents held out (`llama4x.data.python_docs_split`).
         eval_blocks: held-out blocks to evaluate on (default: all; `QUICK_EVAL_BLOCKS` with `quick`).
         log_every: window, in steps, of the training curves (default: about 100 points per curve).
         device: where to train; default CUDA if available, else CPU.
@@ -261,7 +262,7 @@ def run_balance_benchmark(
     say = print if verbose else (lambda *a, **k: None)
 
     # 1. Data: the tokenizer sees the training documents only; held-out documents are packed separately.
-    train_texts, eval_texts = train_eval_split(python_docs_texts(), eval_fraction=eval_fraction, seed=seed)
+    train_texts, eval_texts = python_docs_split(eval_fraction)
     tokenizer = train_tokenizer(train_texts, vocab_size=vocab_size)
     train = make_lm_blocks(tokenizer, train_texts, block_size)
     held_out = tuple(t[:eval_blocks] for t in make_lm_blocks(tokenizer, eval_texts, block_size))
