@@ -77,6 +77,9 @@ def plot_loss_curves(results: dict[str, Any], path: Path) -> Path:
     for position, kind, data in ((3, "llama4x", "digits"), (6, "llama", "text")):
         ax = fig.add_subplot(2, 3, position)
         logs = students.get(kind, {}).get("logs", {})
+        seeds = students.get(kind, {}).get("seeds", [])
+        if len(seeds) > 1:
+            data += f" (seed {seeds[0]} of {len(seeds)})"
         _curve(ax, logs.get("distilled", []), "ce_loss", "distilled (KD + label loss)")
         _curve(ax, logs.get("labels_only", []), "ce_loss", "labels only", ls="--")
         ax.set_yscale("log")
@@ -91,6 +94,11 @@ def plot_loss_curves(results: dict[str, Any], path: Path) -> Path:
     return _save(fig, path)
 
 
+def _student_seeds(results: dict[str, Any]) -> int:
+    """How many seeds each student pair of the distill stage was trained with (1 before that stage ran)."""
+    return len(results.get("distill", {}).get("students", {}).get("llama4x", {}).get("seeds", [None]))
+
+
 def plot_accuracy(results: dict[str, Any], path: Path) -> Path:
     """Accuracy per model and task (left) and held-out text perplexity per model (right)."""
     fig = _figure((12, 4.5))
@@ -100,10 +108,10 @@ def plot_accuracy(results: dict[str, Any], path: Path) -> Path:
     bars = []
     if evaluation:
         bars.append(("teacher\ndigit", evaluation["digits_accuracy"], "tab:blue"))
-    for name in ("distilled", "labels_only"):
+    for name, color in (("distilled", "tab:orange"), ("labels_only", "tab:gray")):
         entry = students.get(f"llama4x/{name}")
         if entry:
-            bars.append((f"llama4x student\n{name.replace('_', '-')}\ndigit", entry["digits_accuracy"], "tab:orange"))
+            bars.append((f"llama4x student\n{name.replace('_', '-')}\ndigit", entry["digits_accuracy"], color))
     if lora:
         bars.append(("teacher\neven/odd\nbefore LoRA", lora["accuracy_before"], "tab:gray"))
         bars.append(("teacher + LoRA\neven/odd", lora["accuracy_after"], "tab:green"))
@@ -114,7 +122,9 @@ def plot_accuracy(results: dict[str, Any], path: Path) -> Path:
     if lora:
         ax.axhline(lora["chance"], color="k", ls=":", lw=1, label="even/odd chance (50%)")
         ax.legend(loc="upper right", fontsize=8)
-    ax.set(ylim=(0, 1.25), ylabel="exact-match accuracy (held-out scans)", title="Held-out accuracy per model")
+    means = f"students: means of {_student_seeds(results)} seeds" if _student_seeds(results) > 1 else ""
+    title = "Held-out accuracy per model" + (f" ({means})" if means else "")
+    ax.set(ylim=(0, 1.25), ylabel="exact-match accuracy (held-out scans)", title=title)
     ax.tick_params(axis="x", labelsize=8)
 
     ax = fig.add_subplot(1, 2, 2)
@@ -132,7 +142,8 @@ def plot_accuracy(results: dict[str, Any], path: Path) -> Path:
     if perplexities:
         drawn = ax.bar([p[0] for p in perplexities], [p[1] for p in perplexities], color=[p[2] for p in perplexities])
         ax.bar_label(drawn, fmt="%.1f", fontsize=8)
-    ax.set(ylabel="perplexity (lower is better)", title="Held-out text perplexity (Python docs)")
+    title = "Held-out text perplexity (Python docs)" + (f"; {means}" if means else "")
+    ax.set(ylabel="perplexity (lower is better)", title=title)
     ax.tick_params(axis="x", labelsize=8)
     return _save(fig, path)
 
@@ -209,8 +220,7 @@ def targets(settings, results: dict[str, Any]) -> dict[str, dict[str, Any]]:
         }  # fmt: skip
     if settings.quick:  # a few steps of distillation compare noise, not methods
         return checks
-    seeds = len(results.get("distill", {}).get("students", {}).get("llama4x", {}).get("seeds", [None]))
-    over = f" (means of {seeds} seeds)" if seeds > 1 else ""
+    over = f" (means of {_student_seeds(results)} seeds)" if _student_seeds(results) > 1 else ""
     if "llama4x/distilled" in students:
         d, b = students["llama4x/distilled"]["digits_accuracy"], students["llama4x/labels_only"]["digits_accuracy"]
         checks[f"llama4x student digits accuracy: distilled vs labels-only{over}"] = {
