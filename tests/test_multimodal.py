@@ -231,6 +231,34 @@ def test_cached_generation_with_images_equals_recomputation_and_sees_pixels_only
     assert len(set(cached.sequences[0, input_ids.shape[1] :].tolist())) > 1, "degenerate generation"
 
 
+def test_a_cached_second_turn_with_a_new_image_equals_recomputing_the_conversation():
+    """Chat continuation: generate again on the whole conversation with the first turn's cache and the new image's
+    tiles only; the result equals a cache-free run over the conversation with every image. Passing the cached
+    image's tiles again is an error that says what to pass."""
+    from transformers import DynamicCache
+
+    model = tiny_multimodal_model()
+    first_ids = torch.tensor([text(3, 0) + image(1, 4) + text(4, 1)])
+    first_tiles, second_tiles = tiles(1, 0), tiles(2, 1)
+    cache = DynamicCache(config=model.config)
+    first = greedy(model, use_cache=True, input_ids=first_ids, pixel_values=first_tiles, past_key_values=cache)
+    conversation = torch.cat([first.sequences, torch.tensor([text(2, 2) + image(2, 4) + text(3, 3)])], dim=1)
+
+    continued = greedy(model, use_cache=True, input_ids=conversation, pixel_values=second_tiles, past_key_values=cache)
+    all_tiles = torch.cat([first_tiles, second_tiles])
+    recomputed = greedy(model, use_cache=False, input_ids=conversation, pixel_values=all_tiles)
+    assert torch.equal(continued.sequences, recomputed.sequences)
+    diff = max((a - b).abs().max().item() for a, b in zip(continued.logits, recomputed.logits))
+    assert diff < 1e-5, f"max logit diff {diff}"
+
+    cache = DynamicCache(config=model.config)
+    greedy(model, use_cache=True, input_ids=first_ids, pixel_values=first_tiles, past_key_values=cache)
+    cached = first.sequences.shape[1] - 1  # the last generated token was never fed back
+    with pytest.raises(ValueError, match=rf"tokens after the cache \({cached} cached; pass only their images\) "
+                                         r"contain 8 image tokens .* 12 image features"):  # fmt: skip
+        greedy(model, use_cache=True, input_ids=conversation, pixel_values=all_tiles, past_key_values=cache)
+
+
 def test_static_cache_generation_with_images_equals_the_dynamic_cache():
     model = tiny_multimodal_model()
     input_ids, pixel_values = one_image_prompt(model)

@@ -142,17 +142,28 @@ class Llama4XModel(Llama4XMultimodalPreTrainedModel):
         num_tiles, tokens_per_tile = pixel_values.shape[0], self.config.vision_config.tokens_per_tile
         num_features = num_tiles * tokens_per_tile
         num_placeholders = image_mask.sum()
+
+        def where() -> str:  # for the error messages only
+            # A continuation (generate with a filled cache) embeds only the tokens after the cache: its pixel_values
+            # must be the tiles of the images among those tokens, not those of images the cache already holds.
+            cached = 0 if cache is None else int(cache.get_seq_length())
+            if not cached:
+                return "`input_ids` contain"
+            return (
+                f"the {input_ids.shape[-1]} tokens after the cache ({cached} cached; pass only their images) contain"
+            )
+
         torch_compilable_check(
             num_placeholders > 0,
             lambda: (
-                f"`pixel_values` were given ({num_tiles} tiles) but `input_ids` contain no image tokens "
+                f"`pixel_values` were given ({num_tiles} tiles) but {where()} no image tokens "
                 f"(image_token_id={image_token_id})."
             ),
         )
         torch_compilable_check(
             num_placeholders == num_features,
             lambda: (
-                f"`input_ids` contain {int(num_placeholders)} image tokens (image_token_id={image_token_id}) "
+                f"{where()} {int(num_placeholders)} image tokens (image_token_id={image_token_id}) "
                 f"but `pixel_values` give {num_features} image features ({num_tiles} x {tokens_per_tile} per tile)."
             ),
         )
