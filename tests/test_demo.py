@@ -174,6 +174,30 @@ def test_generate_command_runs_the_demos_text_student(quick_run, capsys):
     assert printed == tokenizer.decode(ids[0], skip_special_tokens=True) + "\n"
 
 
+def test_generate_command_answers_an_image_question_as_the_evaluation_does(quick_run, capsys, tmp_path):
+    from llama4x.evaluation import answer_questions
+
+    out, report, _, _ = quick_run
+    teacher = out / "teacher"
+    records = demo.DemoData(demo.DemoSettings(**report["settings"])).digits[1][:3]
+    model, processor = AutoModelForImageTextToText.from_pretrained(teacher), AutoProcessor.from_pretrained(teacher)
+    expected = answer_questions(model, processor, records)
+    for i, record in enumerate(records):
+        path = tmp_path / f"scan_{i}.png"
+        record["image"].save(path)  # PNG: lossless, the very pixels the evaluation read
+        argv = ["generate", "--model", str(teacher), "--image", str(path), "--prompt", record["question"],
+                "--max-new-tokens", "4"]  # fmt: skip
+        assert main(argv) == 0
+        assert capsys.readouterr().out == expected[i] + "\n"
+
+    text_only = ["generate", "--model", str(out / "students" / "llama"), "--image", str(path), "--prompt", "x"]
+    assert main(text_only) == 1
+    assert "--image needs a multimodal llama4x model" in capsys.readouterr().err
+    missing = ["generate", "--model", str(teacher), "--image", str(tmp_path / "none.png"), "--prompt", "x"]
+    assert main(missing) == 1
+    assert f"Image file {tmp_path / 'none.png'} does not exist" in capsys.readouterr().err
+
+
 def test_quick_demo_rerun_skips_every_finished_stage(quick_run):
     out, report, _, _ = quick_run
     markers = {p.name: p.stat().st_mtime_ns for p in (out / "stages").iterdir()}

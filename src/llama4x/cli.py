@@ -134,16 +134,45 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
     set_seed(args.seed)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model, suppressed = _load_generation_model(model_dir)
     model = model.to(device).eval()
-    inputs = tokenizer(args.prompt, return_tensors="pt").to(device)
     sampling = {"do_sample": True, "temperature": args.temperature} if args.temperature > 0 else {"do_sample": False}
     if suppressed:
         sampling["suppress_tokens"] = suppressed
+    if args.image:
+        return _answer_about_images(model, model_dir, args, sampling, device)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    inputs = tokenizer(args.prompt, return_tensors="pt").to(device)
     with torch.no_grad():
         output = model.generate(**inputs, max_new_tokens=args.max_new_tokens, **sampling)
     print(tokenizer.decode(output[0], skip_special_tokens=True))
+    return 0
+
+
+def _answer_about_images(model, model_dir: Path, args: argparse.Namespace, sampling: dict, device: str) -> int:
+    """`llama4x generate --image ...`: one chat turn (the images, then `--prompt`); prints the model's answer, up to
+    the end of its turn."""
+    import torch
+    from transformers import AutoProcessor
+
+    from .configuration_llama4x import Llama4XConfig
+    from .data import image_question_prompt, open_image
+    from .processing_llama4x import Llama4XProcessor
+    from .tokenization import EOT_TOKEN
+
+    if not isinstance(model.config, Llama4XConfig):  # a PeftModel's config is its base model's
+        raise ValueError(f"--image needs a multimodal llama4x model; --model {str(model_dir)!r} is text-only")
+    processor = AutoProcessor.from_pretrained(model_dir)
+    if not isinstance(processor, Llama4XProcessor):
+        raise ValueError(f"--model {str(model_dir)!r} has no Llama4XProcessor (processor_config.json) for --image")
+    images = [open_image(path, processor.image_processor.max_image_pixels) for path in args.image]
+    prompt = image_question_prompt(processor, args.prompt, num_images=len(images))
+    # the template starts with <|begin_of_text|>
+    inputs = processor(text=prompt, images=images, add_special_tokens=False, return_tensors="pt").to(device)
+    eot = processor.tokenizer.convert_tokens_to_ids(EOT_TOKEN)
+    with torch.no_grad():
+        output = model.generate(**inputs, max_new_tokens=args.max_new_tokens, eos_token_id=eot, **sampling)
+    print(processor.tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip())
     return 0
 
 
@@ -285,7 +314,15 @@ def make_parser() -> argparse.ArgumentParser:
         help="folder written by save_pretrained, with its tokenizer: a text or a multimodal llama4x model (e.g. from "
         "`llama4x demo`)",
     )
-    gen.add_argument("--prompt", required=True, help="text to continue")
+    gen.add_argument("--prompt", required=True, help="text to continue; with --image, the question about the images")
+    gen.add_argument(
+        "--image",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="an image file for a multimodal model (repeatable): the prompt becomes a chat turn with the images "
+        "before the question, and the answer is printed",
+    )
     gen.add_argument("--max-new-tokens", type=int, default=50, help="default: %(default)s")
     gen.add_argument("--temperature", type=_finite_float, default=0.0, help="0 = greedy (default), > 0 samples")
     gen.add_argument("--seed", type=_seed, default=0, help="random seed for sampling (default: %(default)s)")

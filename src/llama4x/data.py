@@ -222,6 +222,13 @@ def parity_records(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return [{**record, "question": PARITY_QUESTION, "answer": parity(record["answer"])} for record in records]
 
 
+def image_question_prompt(processor: Llama4XProcessor, question: str, num_images: int = 1) -> str:
+    """The chat-templated prompt of one user turn with `num_images` images and then `question`, ending with the
+    assistant header (the model's answer comes next). Images go to the processor in the same order."""
+    content = [{"type": "image"}] * num_images + [{"type": "text", "text": question}]
+    return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+
+
 class DigitsCollator:
     """Collate `digits_vqa` records into a batch for a model fed by a `Llama4XProcessor`.
 
@@ -256,8 +263,7 @@ class DigitsCollator:
 
     def prompt(self, question: str) -> str:
         """The chat-templated prompt for one question (ends with the assistant header)."""
-        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
-        return self.processor.apply_chat_template(messages, add_generation_prompt=True)
+        return image_question_prompt(self.processor, question)
 
     def _pad(self, row: list[int], value: int, length: int) -> list[int]:
         filler = [value] * (length - len(row))
