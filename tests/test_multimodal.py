@@ -379,7 +379,7 @@ def test_reentrant_gradient_checkpointing_reaches_vision_layers_behind_a_frozen_
         for name, param in model.named_parameters():
             param.requires_grad_(name == trained)
         if checkpointing:
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": True})
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
         input_ids, pixel_values = one_image_prompt(model)
         model(input_ids=input_ids, pixel_values=pixel_values, labels=input_ids).loss.backward()
         grads.append(model.get_parameter(trained).grad)
