@@ -464,10 +464,12 @@ def headline(stage: str, results: dict[str, Any]) -> str:
         return f"even/odd {_pct(r['accuracy_before'])} -> {_pct(r['accuracy_after'])}"
     if stage == "distill":
         e = r["evaluation"]
+        seeds = _student_seeds(results)
         return (
             f"llama4x digits {_pct(e['llama4x/distilled']['digits_accuracy'])} vs labels-only "
             f"{_pct(e['llama4x/labels_only']['digits_accuracy'])}; llama ppl "
             f"{e['llama/distilled']['text_perplexity']:.1f} vs {e['llama/labels_only']['text_perplexity']:.1f}"
+            + (f" (means of {seeds} seeds)" if seeds > 1 else "")
         )
     if stage == "report":
         met = sum(bool(c["met"]) for c in r["targets"].values())
