@@ -1,5 +1,6 @@
 """Load balancing: losses against hand computations, the loss-free bias, group-limited routing, statistics."""
 
+import json
 import math
 
 import pytest
@@ -225,32 +226,71 @@ def test_trainer_applies_one_bias_update_per_optimizer_step_and_logs_routing_sta
     assert (tmp_path / "expert_load.png").stat().st_size > 0
 
 
-@pytest.mark.parametrize("restore_callback_states", [False, True])
-def test_resumed_run_expert_load_counts_the_steps_before_the_checkpoint(tmp_path, restore_callback_states):
+def _train_with_routing_stats(output_dir, max_steps, dataset, resume=None, attach=True, restore=False, **save):
+    """`max_steps` steps of the tiny model with a `RoutingStatsCallback` (first in the list with `attach`, as
+    `llama4x train` puts it; after transformers' flow callback otherwise); returns its expert-load total."""
+    torch.manual_seed(0)
+    model = tiny_model(num_experts_per_tok=1).train()
+    args = TrainingArguments(
+        output_dir=str(output_dir), per_device_train_batch_size=2, max_steps=max_steps, logging_steps=3,
+        report_to=[], use_cpu=True, disable_tqdm=True, seed=0, restore_callback_states_from_checkpoint=restore,
+        **save,
+    )  # fmt: skip
+    trainer = Trainer(
+        model=model, args=args, train_dataset=dataset, callbacks=[] if attach else [RoutingStatsCallback()]
+    )
+    if attach:
+        RoutingStatsCallback.attach(trainer)
+    trainer.train(resume_from_checkpoint=resume)
+    (callback,) = [c for c in trainer.callback_handler.callbacks if isinstance(c, RoutingStatsCallback)]
+    return callback.total_load
+
+
+def _checkpoint_total(checkpoint) -> torch.Tensor:
+    saved = json.loads((checkpoint / "trainer_state.json").read_text())["stateful_callbacks"]["RoutingStatsCallback"]
+    return torch.tensor(saved["attributes"]["total_load"])
+
+
+@pytest.mark.parametrize("attach, restore", [(True, False), (False, False), (True, True)])
+def test_resumed_run_expert_load_counts_the_steps_before_the_checkpoint(tmp_path, attach, restore):
     """A run resumed from a mid-run checkpoint (saved between two training logs) ends with the same expert-load total
-    as the uninterrupted run, whether or not the Trainer restores callback states itself."""
+    as the uninterrupted run, wherever the callback sits and whether or not the Trainer restores callback states."""
     ids = random_ids(16, 16)
     dataset = Dataset.from_dict({"input_ids": ids.tolist(), "labels": ids.tolist()})
-
-    def train(output_dir, max_steps, resume=None):
-        torch.manual_seed(0)
-        model = tiny_model(num_experts_per_tok=1).train()
-        args = TrainingArguments(
-            output_dir=str(output_dir), per_device_train_batch_size=2, max_steps=max_steps, logging_steps=3,
-            save_strategy="steps", save_steps=4, report_to=[], use_cpu=True, disable_tqdm=True, seed=0,
-            restore_callback_states_from_checkpoint=restore_callback_states,
-        )  # fmt: skip
-        trainer = Trainer(model=model, args=args, train_dataset=dataset, callbacks=[RoutingStatsCallback()])
-        trainer.train(resume_from_checkpoint=resume)
-        (callback,) = [c for c in trainer.callback_handler.callbacks if isinstance(c, RoutingStatsCallback)]
-        return callback.total_load
-
-    full = train(tmp_path / "full", 7)
-    train(tmp_path / "interrupted", 4)  # checkpoint-4 holds steps 1-4; its last log was at step 3
-    resumed = train(tmp_path / "interrupted", 7, resume=str(tmp_path / "interrupted" / "checkpoint-4"))
-    assert full.sum() == 7 * 2 * 16 * 4, "7 steps x 2 rows x 16 tokens x 4 MoE layers"
+    steps = {"save_strategy": "steps", "save_steps": 4}
+    full = _train_with_routing_stats(tmp_path / "full", 7, dataset, attach=attach, restore=restore, **steps)
+    _train_with_routing_stats(tmp_path / "cut", 4, dataset, attach=attach, restore=restore, **steps)
+    checkpoint = tmp_path / "cut" / "checkpoint-4"  # steps 1-4; the last training log was at step 3
+    assert _checkpoint_total(checkpoint).sum() == 4 * 2 * 16 * 4, "4 steps x 2 rows x 16 tokens x 4 MoE layers"
+    resumed = _train_with_routing_stats(
+        tmp_path / "cut", 7, dataset, resume=str(checkpoint), attach=attach, restore=restore, **steps
+    )
+    assert full.sum() == 7 * 2 * 16 * 4
     assert torch.equal(resumed.to(full.dtype), full)
-    assert (tmp_path / "interrupted" / "expert_load.png").stat().st_size > 0
+    assert (tmp_path / "cut" / "expert_load.png").stat().st_size > 0
+
+
+def test_an_epoch_checkpoint_counts_every_step_of_the_epoch(tmp_path):
+    ids = random_ids(16, 16)
+    dataset = Dataset.from_dict({"input_ids": ids.tolist(), "labels": ids.tolist()})  # 8 steps per epoch
+    _train_with_routing_stats(tmp_path, 8, dataset, save_strategy="epoch")
+    assert _checkpoint_total(tmp_path / "checkpoint-8").sum() == 8 * 2 * 16 * 4
+
+
+def test_resuming_a_checkpoint_without_the_routing_total_counts_from_there(tmp_path):
+    """A checkpoint written before the callback kept its state resumes (the Trainer needs the entry to save again);
+    the total then counts the resumed steps only."""
+    ids = random_ids(16, 16)
+    dataset = Dataset.from_dict({"input_ids": ids.tolist(), "labels": ids.tolist()})
+    steps = {"save_strategy": "steps", "save_steps": 4}
+    _train_with_routing_stats(tmp_path, 4, dataset, **steps)
+    state_file = tmp_path / "checkpoint-4" / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    del state["stateful_callbacks"]["RoutingStatsCallback"]
+    state_file.write_text(json.dumps(state))
+    resumed = _train_with_routing_stats(tmp_path, 9, dataset, resume=str(state_file.parent), **steps)
+    assert resumed.sum() == 5 * 2 * 16 * 4
+    assert _checkpoint_total(tmp_path / "checkpoint-8").sum() == 4 * 2 * 16 * 4
 
 
 @settings(max_examples=50, deadline=None)

@@ -44,8 +44,10 @@ class RoutingStatsCallback(TrainerCallback, ExportableState):
     training logs, from the training forward passes since the previous training log (evaluation logs get none); at
     the end of training saves the expert-load heatmap of the whole run to `output_dir/expert_load.png`.
 
-    The run's total travels in each checkpoint's `trainer_state.json`, so a run resumed from a checkpoint plots every
-    step since the start, not only the resumed ones.
+    The run's total travels in each checkpoint's `trainer_state.json` (`ExportableState`), so a run resumed from a
+    checkpoint plots every step since the start, not only the resumed ones. (With
+    `restore_callback_states_from_checkpoint=True` transformers replaces the callback by a copy at the end of the
+    list, after the printer: the values still reach the log history.)
 
     `Trainer(..., callbacks=[RoutingStatsCallback()])` records them in `trainer.state.log_history`; use
     `RoutingStatsCallback.attach(trainer)` to also have them printed and sent to the reporting integrations.
@@ -55,6 +57,7 @@ class RoutingStatsCallback(TrainerCallback, ExportableState):
         self.per_layer = per_layer
         self.total_load: torch.Tensor | None = None  # (num_moe_layers, E) tokens per expert since the run began
         self._since_log: torch.Tensor | None = None  # the same, since the last training log
+        self._model: torch.nn.Module | None = None  # the trained model, between train begin and end
 
     @classmethod
     def attach(cls, trainer, **kwargs) -> "RoutingStatsCallback":
@@ -64,21 +67,24 @@ class RoutingStatsCallback(TrainerCallback, ExportableState):
         return callback
 
     def state(self) -> dict:
-        """What a checkpoint keeps (`ExportableState`): the run's expert-load total, as JSON lists."""
+        """What a checkpoint keeps (`ExportableState`): the run's expert-load total up to now, as JSON lists. The
+        Trainer asks as it writes a checkpoint, whatever triggered the save and wherever this callback sits."""
+        if self._model is not None:
+            self._collect(self._model)
         total = None if self.total_load is None else self.total_load.tolist()
         return {"args": {"per_layer": self.per_layer}, "attributes": {"total_load": total}}
 
-    def on_train_begin(self, args, state, control, **kwargs):
-        # A resumed run's state holds the checkpoint's total (a fresh run's: this callback's own, as built).
-        saved = state.stateful_callbacks.get(type(self).__name__)
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        # A resumed run's state holds the checkpoint's total (a fresh run's: this callback's own, as built). A
+        # checkpoint written before llama4x kept it has none: count from the resumed step, and give the Trainer the
+        # entry it updates at its next save.
+        self._model, self._since_log = None, None
+        empty = {"args": {"per_layer": self.per_layer}, "attributes": {"total_load": None}}
+        saved = state.stateful_callbacks.setdefault(type(self).__name__, empty)
         saved = saved[0] if isinstance(saved, list) else saved
-        total = None if saved is None else saved["attributes"]["total_load"]
+        total = saved["attributes"]["total_load"]
         self.total_load = None if total is None else torch.as_tensor(total)
-        self._since_log = None
-
-    def on_step_end(self, args, state, control, model=None, **kwargs):
-        if control.should_save:  # the checkpoint saved after this step records every step up to it
-            self._collect(model)
+        self._model = model
 
     def on_log(self, args, state, control, logs=None, model=None, **kwargs):
         if logs is None or "loss" not in logs:  # evaluation results, the end-of-training summary
@@ -102,6 +108,7 @@ class RoutingStatsCallback(TrainerCallback, ExportableState):
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
         self._collect(model)  # the steps after the last training log
+        self._model = None
         if self.total_load is not None and state.is_world_process_zero:
             plot_expert_load(
                 self.total_load, Path(args.output_dir) / "expert_load.png", "Tokens per expert (training)"
