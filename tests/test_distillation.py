@@ -570,18 +570,24 @@ def test_distill_command_writes_the_student_the_baseline_and_the_report(text_tea
     assert isinstance(AutoModelForCausalLM.from_pretrained(out), LlamaForCausalLM)
 
 
-@pytest.mark.parametrize("eval_fraction, seen", [(0.0, 8), (0.05, 4), (0.1, None), (0.2, None)])
-def test_distill_refuses_a_teacher_trained_on_the_docs_it_holds_out(tmp_path, eval_fraction, seen):
-    """A teacher from `llama4x train --dataset pydocs` with a smaller `--eval_fraction` trained on some of the 8
-    documents `distill` evaluates on; one with 0.1 or more trained on none of them."""
+@pytest.mark.parametrize(
+    "eval_fraction, seen, checkpoint",
+    [(0.0, 8, False), (0.05, 4, False), (0.097, None, False), (0.1, None, False), (0.2, None, False), (0.0, 8, True)],
+)
+def test_distill_refuses_a_teacher_trained_on_the_docs_it_holds_out(tmp_path, eval_fraction, seen, checkpoint):
+    """A teacher from `llama4x train --dataset pydocs` that held out fewer documents trained on some of the 8 that
+    `distill` evaluates on; one holding out the same 8 (0.097 of 78 documents rounds to 8 too) or more, on none.
+    A `checkpoint-N` folder is checked against its run's record."""
     from llama4x.distillation import distill
     from llama4x.training import main as train_main
 
-    teacher = tmp_path / "teacher"
+    run = tmp_path / "teacher"
+    saving = ["--save_strategy", "steps", "--save_steps", "1"] if checkpoint else ["--save_strategy", "no"]
     train_main(["--preset", "tiny", "--dataset", "pydocs", "--eval_fraction", str(eval_fraction), "--max_steps", "1",
                 "--per_device_train_batch_size", "1", "--block_size", "32", "--tokenizer_vocab_size", "300",
-                "--output_dir", str(teacher), "--use_cpu", "--report_to", "none", "--save_strategy", "no",
-                "--disable_tqdm", "true", "--eval_strategy", "no"])  # fmt: skip
+                "--output_dir", str(run), "--use_cpu", "--report_to", "none", "--disable_tqdm", "true",
+                "--eval_strategy", "no", *saving])  # fmt: skip
+    teacher = run / "checkpoint-1" if checkpoint else run
     job = dict(student_kind="llama", layers=1, steps=1, batch_size=1, block_size=16, eval_size=1,
                calibration_batches=1, baseline=False)  # fmt: skip
     if seen is None:

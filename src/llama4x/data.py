@@ -63,7 +63,10 @@ def train_eval_split(texts: Sequence[T], eval_fraction: float = 0.1, seed: int =
     return [texts[i] for i in train_idx], [texts[i] for i in eval_idx]
 
 
-def python_docs_split(eval_fraction: float = 0.1) -> tuple[list[str], list[str]]:
+DOCS_EVAL_FRACTION = 0.1  # the share of the bundled docs held out by default (`distill` always holds out this one)
+
+
+def python_docs_split(eval_fraction: float = DOCS_EVAL_FRACTION) -> tuple[list[str], list[str]]:
     """`(train, eval)` documents of `python_docs_texts()`: the one split that every llama4x command uses for the
     bundled docs (`train`, `distill`, `demo`, `bench balance`), whatever their seeds, so a student is never evaluated
     on documents its teacher trained on. One fixed order, cut at `eval_fraction`: the eval documents of a smaller

@@ -35,7 +35,7 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments, default_data_collator, set_seed
 from transformers.utils import logging
 
-from .data import lm_rows, python_docs_split
+from .data import DOCS_EVAL_FRACTION, lm_rows, python_docs_split
 from .distillation_cache import (
     CACHE_DTYPES,
     CACHE_KEYS,
@@ -371,12 +371,17 @@ def distillation_training_arguments(
     return TrainingArguments(**{**fields, **overrides})
 
 
-def check_teacher_held_out_docs(teacher: str | Path, eval_fraction: float = 0.1) -> None:
+def check_teacher_held_out_docs(teacher: str | Path) -> None:
     """Refuse a teacher that trained on documents which `distill` holds out of the bundled docs: one `llama4x train`
-    trained on pydocs with a smaller `--eval_fraction` (its `train_results.json` records it). A distilled student
-    would learn those documents from the teacher's soft targets and look better than it is."""
-    record = Path(teacher) / "train_results.json"
-    if not record.is_file():
+    trained on pydocs holding out fewer of them (`train_results.json` records its split; for a `checkpoint-N` folder,
+    the run folder's). A distilled student would learn those documents from the teacher's soft targets and look
+    better than it is. What a teacher trained on before its last `llama4x train` run is not recorded."""
+    teacher = Path(teacher)
+    records = [teacher / "train_results.json"]
+    if teacher.name.startswith("checkpoint-"):
+        records.append(teacher.parent / "train_results.json")
+    record = next((path for path in records if path.is_file()), None)
+    if record is None:
         return
     data = json.loads(record.read_text()).get("data")
     if data is None:
@@ -385,16 +390,18 @@ def check_teacher_held_out_docs(teacher: str | Path, eval_fraction: float = 0.1)
             "trained on the bundled docs, it may have trained on the documents `distill` evaluates on."
         )
         return
-    if data["dataset"] != "pydocs" or data["eval_fraction"] >= eval_fraction:
+    if data["dataset"] != "pydocs":
         return
-    held_out = python_docs_split(eval_fraction)[1]
+    held_out = python_docs_split()[1]
     never_seen = python_docs_split(data["eval_fraction"])[1] if data["eval_fraction"] > 0 else []
     seen = len(set(held_out) - set(never_seen))
-    raise ValueError(
-        f"The teacher in {teacher} trained on {seen} of the {len(held_out)} documents that distill holds out of the "
-        f"bundled docs: it was trained with --eval_fraction {data['eval_fraction']} ({record.name}), distill "
-        f"evaluates on the split at {eval_fraction}. Train the teacher with --eval_fraction {eval_fraction} or more."
-    )
+    if seen:
+        raise ValueError(
+            f"The teacher in {teacher} trained on {seen} of the {len(held_out)} documents that distill holds out of "
+            f"the bundled docs: it was trained with --eval_fraction {data['eval_fraction']} ({record}), distill "
+            f"evaluates on the split at {DOCS_EVAL_FRACTION}. Train the teacher with --eval_fraction "
+            f"{DOCS_EVAL_FRACTION} or more."
+        )
 
 
 def distill(
@@ -451,10 +458,10 @@ def distill(
     start = time.perf_counter()
     set_seed(seed)
     teacher_model, processing, composite = _load_teacher(teacher)
-    if dataset in (None, "pydocs"):
-        check_teacher_held_out_docs(teacher)
     tokenizer = processing.tokenizer if composite else processing
     dataset = dataset or ("digits" if composite and student_kind == "llama4x" else "pydocs")
+    if dataset == "pydocs":
+        check_teacher_held_out_docs(teacher)
     if dataset == "digits" and not (composite and student_kind == "llama4x"):
         raise ValueError(
             "dataset 'digits' needs a multimodal teacher and a 'llama4x' student (a llama student is text-only)."
