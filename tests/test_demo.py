@@ -190,6 +190,18 @@ def test_generate_command_answers_an_image_question_as_the_evaluation_does(quick
         assert main(argv) == 0
         assert capsys.readouterr().out == expected[i] + "\n"
 
+    # the LoRA adapter folder, on the teacher it names, answers the even/odd question as its evaluation does
+    from peft import PeftModel
+
+    from llama4x.data import parity_records
+
+    question = parity_records(records[:1])
+    expected = answer_questions(PeftModel.from_pretrained(model, out / "lora_parity"), processor, question)
+    argv = ["generate", "--model", str(out / "lora_parity"), "--image", str(tmp_path / "scan_0.png"), "--prompt",
+            question[0]["question"], "--max-new-tokens", "4"]  # fmt: skip
+    assert main(argv) == 0
+    assert capsys.readouterr().out == expected[0] + "\n"
+
     text_only = ["generate", "--model", str(out / "students" / "llama"), "--image", str(path), "--prompt", "x"]
     assert main(text_only) == 1
     assert "--image needs a multimodal llama4x model" in capsys.readouterr().err
@@ -330,6 +342,8 @@ def test_report_times_and_saved_models_are_those_of_the_reported_stages_only(tmp
         ({"attention_chunk_size": 128}, "attention_chunk_size"),
         ({"distill_digits_fraction": 1.5}, "distill_digits_fraction"),
         ({"distill_digits_fraction": 0}, "distill_digits_fraction"),
+        ({"seed": 2**32 - 2}, "seed"),  # the third student seed would be 2**32
+        ({"seed": -1}, "seed"),
     ],
 )
 def test_invalid_settings_name_the_field(overrides, field):

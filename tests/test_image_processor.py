@@ -390,9 +390,21 @@ def test_invalid_settings_raise_at_construction_and_call(kwargs, message):
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def test_zero_std_is_accepted_when_normalisation_is_off():
+@pytest.mark.parametrize(
+    "kwargs, field", [({"image_mean": "grey"}, "image_mean"), ({"image_std": [0.5, [0.5]]}, "image_std")]
+)
+def test_non_numeric_normalisation_values_are_refused_naming_the_field(kwargs, field):
+    # transformers >= 5.2x refuses them by type first (its own error names the field); before, llama4x's check does
+    with pytest.raises(Exception, match=field):
+        make_processor(**kwargs)
+
+
+def test_zero_std_is_accepted_when_normalisation_is_off(tmp_path):
     pixels = make_processor()(solid(5, 5), do_normalize=False, image_std=0.0)["pixel_values"]
     assert np.isfinite(pixels).all()
+    unnormalised = make_processor(do_normalize=False, image_std=0.0)  # and such a processor saves and reloads
+    unnormalised.save_pretrained(tmp_path)
+    assert np.isfinite(Llama4XImageProcessor.from_pretrained(tmp_path)(solid(5, 5))["pixel_values"]).all()
 
 
 def test_save_and_load_round_trip(tmp_path):

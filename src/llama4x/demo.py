@@ -29,7 +29,8 @@ after the first one it redoes: their markers are removed when it starts, so a la
     stages/<stage>.json     marker and results of each finished stage
     tokenizer/              AutoTokenizer
     teacher/                AutoModelForImageTextToText + AutoProcessor
-    lora_parity/            PEFT adapter of the teacher (PeftModel.from_pretrained(teacher, "lora_parity"))
+    lora_parity/            PEFT adapter of the teacher (PeftModel.from_pretrained(teacher, "lora_parity")) and the
+                            processor
     students/llama4x/       dense llama4x student (AutoModelForImageTextToText + AutoProcessor); labels_only/ inside;
                             the pairs of the further seeds in seed_<n>/
     students/llama/         LlamaForCausalLM student (AutoModelForCausalLM + AutoTokenizer); the same layout
@@ -159,6 +160,13 @@ class DemoSettings:
                 continue
             if not value > 0:
                 raise ValueError(f"Invalid `{f.name}`={value!r}: expected a positive number.")
+        from .cli import MAX_SEED
+
+        if not 0 <= self.seed <= MAX_SEED - (self.distill_seeds - 1):  # the students use seed .. seed + n - 1
+            raise ValueError(
+                f"Invalid `seed`={self.seed!r}: with distill_seeds={self.distill_seeds} the seeds up to "
+                f"{self.seed + self.distill_seeds - 1} must be in 0..{MAX_SEED}."
+            )
         if not self.distill_digits_fraction <= 1:
             raise ValueError(
                 f"Invalid `distill_digits_fraction`={self.distill_digits_fraction!r}: expected a share in (0, 1]."
@@ -696,6 +704,7 @@ def stage_lora(run: DemoRun) -> dict[str, Any]:
     seconds = time.perf_counter() - start
     after = answer_questions(model, processor, test, verbose=run.verbose)
     model.save_pretrained(run.out / "lora_parity")
+    processor.save_pretrained(run.out / "lora_parity")  # a self-contained folder, as `llama4x train --lora` writes
     return {
         "question": PARITY_QUESTION,
         "parts": parts,

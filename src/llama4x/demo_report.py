@@ -388,7 +388,7 @@ def markdown(report: dict[str, Any]) -> str:
 SAVED = {
     "tokenizer/": ("tokenizer", "AutoTokenizer"),
     "teacher/": ("teacher", "AutoModelForImageTextToText + AutoProcessor (the MoE teacher)"),
-    "lora_parity/": ("lora", "PEFT adapter: PeftModel.from_pretrained(teacher, 'lora_parity')"),
+    "lora_parity/": ("lora", "PEFT adapter: PeftModel.from_pretrained(teacher, 'lora_parity'); the processor"),
     "students/llama4x/": (
         "distill",
         "AutoModelForImageTextToText + AutoProcessor (dense llama4x student; labels_only/ and the further seeds' "

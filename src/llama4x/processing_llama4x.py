@@ -351,7 +351,8 @@ class Llama4XImageProcessor(PilBackend):
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
         self._check_tiling_kwargs(self.size, self.max_patches, self.max_image_pixels, self.do_resize)
-        self._check_normalization(self.image_mean, self.image_std)
+        if self.do_normalize:
+            self._check_normalization(self.image_mean, self.image_std)
 
     @staticmethod
     def _check_tiling_kwargs(size: Any, max_patches: Any, max_image_pixels: Any, do_resize: Any) -> None:
@@ -369,7 +370,10 @@ class Llama4XImageProcessor(PilBackend):
     def _check_normalization(image_mean: Any, image_std: Any) -> None:
         """`image_mean` and `image_std`: one value or one per RGB channel, finite; every std > 0."""
         for name, value in (("image_mean", image_mean), ("image_std", image_std)):
-            values = np.atleast_1d(np.asarray(value, dtype=np.float64))
+            try:
+                values = np.atleast_1d(np.asarray(value, dtype=np.float64))
+            except (TypeError, ValueError):  # not numbers, or ragged
+                values = np.array([np.nan])
             if values.ndim != 1 or len(values) not in (1, 3) or not np.isfinite(values).all():
                 raise ValueError(f"Invalid `{name}`={value!r}: expected one finite number or one per RGB channel (3).")
         if not (np.asarray(image_std, dtype=np.float64) > 0).all():
