@@ -250,6 +250,18 @@ def fake_stages(monkeypatch):
     return calls, fail
 
 
+def test_minutes_scales_every_training_stage_by_the_teachers_measured_factor(tmp_path):
+    """`--minutes`: the teacher stage times a few steps and scales its step count to its share of the budget; LoRA
+    (and distillation) scale theirs by the same factor. Checks the plumbing, not the clock."""
+    settings = demo.DemoSettings.create(quick=True, minutes=0.3)
+    results = demo.run_demo(tmp_path, settings, stop_after="lora", verbose=False)
+    teacher, lora = results["teacher"], results["lora"]
+    scale = teacher["step_scale"]
+    assert 0.05 <= scale <= 5.0 and scale != 1.0 and teacher["measured_seconds_per_step"] > 0
+    assert teacher["steps"] == max(5, round(settings.teacher_steps * scale))
+    assert lora["steps"] == max(5, round(settings.lora_steps * scale))
+
+
 def test_stages_run_in_order_then_are_skipped_and_a_redone_stage_redoes_the_later_ones(tmp_path, fake_stages):
     calls, _ = fake_stages
     settings = demo.DemoSettings.create(quick=True)
