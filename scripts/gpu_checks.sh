@@ -13,7 +13,7 @@ OUT="${OUT:-results}"
 PART="${1:?which part: 1 or 2}"
 mkdir -p "$OUT"
 export PYTHONPATH=src
-run() { echo "== $*"; timeout 240 "$@" 2>&1 | grep -v "it/s]" | tail -40; }
+run() { echo "== $*"; timeout 240 "$@" 2>&1 | tr "\r" "\n" | grep -v "it/s]" | tail -40; }  # progress bars share lines with errors: split at \r first
 H200_SHAPES=(--hidden-size 2048 --num-hidden-layers 12 --num-attention-heads 16 --num-key-value-heads 4
     --moe-intermediate-size 4096 --attention-chunk-size 8192)
 if [[ "$PART" == 1 ]]; then
