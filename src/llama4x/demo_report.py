@@ -122,7 +122,8 @@ def plot_accuracy(results: dict[str, Any], path: Path) -> Path:
     if lora:
         ax.axhline(lora["chance"], color="k", ls=":", lw=1, label="even/odd chance (50%)")
         ax.legend(loc="upper right", fontsize=8)
-    means = f"students: means of {_student_seeds(results)} seeds" if _student_seeds(results) > 1 else ""
+    seeds = _student_seeds(results)
+    means = f"students: means of {seeds} seeds" if seeds > 1 else ""
     title = "Held-out accuracy per model" + (f" ({means})" if means else "")
     ax.set(ylim=(0, 1.25), ylabel="exact-match accuracy (held-out scans)", title=title)
     ax.tick_params(axis="x", labelsize=8)
@@ -220,7 +221,8 @@ def targets(settings, results: dict[str, Any]) -> dict[str, dict[str, Any]]:
         }  # fmt: skip
     if settings.quick:  # a few steps of distillation compare noise, not methods
         return checks
-    over = f" (means of {_student_seeds(results)} seeds)" if _student_seeds(results) > 1 else ""
+    seeds = _student_seeds(results)
+    over = f" (means of {seeds} seeds)" if seeds > 1 else ""
     if "llama4x/distilled" in students:
         d, b = students["llama4x/distilled"]["digits_accuracy"], students["llama4x/labels_only"]["digits_accuracy"]
         checks[f"llama4x student digits accuracy: distilled vs labels-only{over}"] = {

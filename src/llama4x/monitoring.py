@@ -78,13 +78,12 @@ class RoutingStatsCallback(TrainerCallback, ExportableState):
         # A resumed run's state holds the checkpoint's total (a fresh run's: this callback's own, as built). A
         # checkpoint written before llama4x kept it has none: count from the resumed step, and give the Trainer the
         # entry it updates at its next save.
-        self._model, self._since_log = None, None
         empty = {"args": {"per_layer": self.per_layer}, "attributes": {"total_load": None}}
         saved = state.stateful_callbacks.setdefault(type(self).__name__, empty)
         saved = saved[0] if isinstance(saved, list) else saved
         total = saved["attributes"]["total_load"]
         self.total_load = None if total is None else torch.as_tensor(total)
-        self._model = model
+        self._since_log, self._model = None, model
 
     def on_log(self, args, state, control, logs=None, model=None, **kwargs):
         if logs is None or "loss" not in logs:  # evaluation results, the end-of-training summary
