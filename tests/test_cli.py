@@ -83,6 +83,8 @@ TINY_SHAPES = ["--hidden-size", "32", "--num-hidden-layers", "2", "--num-attenti
     [
         (["moe-layer", "--hidden", "32", "--expert-size", "16", "--experts", "4", "--tokens", "64"],
          ["forward_s", "forward_backward_s"]),
+        (["grouped-gemm", "--hidden", "32", "--expert-size", "16", "--experts", "4", "--top-k", "2", "--tokens", "64"],
+         ["gate_up/forward_s", "down/forward_backward_s"]),
         (["train", *TINY_SHAPES, "--batch", "2", "--seq", "32"], ["step_s", "tokens_per_s"]),
         (["train", *TINY_SHAPES, "--num-hidden-layers", "1", "--batch", "2", "--seq", "32", "--compile",
           "--dtype", "bfloat16"], ["step_s", "tokens_per_s"]),  # bf16: compiles on every supported transformers
@@ -95,7 +97,7 @@ TINY_SHAPES = ["--hidden-size", "32", "--num-hidden-layers", "2", "--num-attenti
         (["kv-cache", *TINY_SHAPES, "--lengths", "64"], []),
         (["lora", *TINY_SHAPES, "--batch", "2", "--seq", "32", "--rank", "2"], ["step_s", "vs_frozen_base"]),
     ],
-    ids=["moe-layer", "train", "train-compiled", "decode", "decode-batched-mm", "decode-overhead", "long-context", "kv-cache", "lora"],
+    ids=["moe-layer", "grouped-gemm", "train", "train-compiled", "decode", "decode-batched-mm", "decode-overhead", "long-context", "kv-cache", "lora"],
 )  # fmt: skip
 def test_speed_benchmarks_print_ratios_and_write_json(argv, rows, tmp_path, capsys):
     import json

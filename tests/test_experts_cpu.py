@@ -117,18 +117,6 @@ def test_rule_picks_the_loop_for_decode_sized_float32_cpu_batches_without_autogr
     assert not use_cpu_expert_loop(experts, hidden.requires_grad_(), index), "gradient to the input"
 
 
-@pytest.mark.parametrize("implementation", ["grouped_mm", "eager", "batched_mm"])
-def test_only_grouped_mm_dispatches_to_the_loop(implementation, monkeypatch):
-    """`grouped_mm` (the default) takes the loop at decode sizes; a model set to another implementation keeps it."""
-    model = tiny_model(seed=1)
-    model.set_experts_implementation(implementation)
-    calls = []
-    monkeypatch.setattr(experts_cpu, "cpu_expert_loop", lambda *args: calls.append(1) or cpu_expert_loop(*args))
-    with torch.no_grad():
-        model(random_ids(1, 3))
-    assert len(calls) == (4 if implementation == "grouped_mm" else 0)  # one per MoE layer
-
-
 def test_model_logits_equal_with_the_loop_and_with_torchs_grouped_gemm(monkeypatch):
     """Decode-sized forward of a whole model: the loop (default) and torch's grouped GEMM (limit 0) agree."""
     model = tiny_model(seed=5)

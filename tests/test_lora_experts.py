@@ -2,10 +2,9 @@
 outputs and gradients against PEFT's `ParamWrapper` forward (W + delta rebuilt each call) and against a float64
 recomputation from PEFT's `get_delta_weight`; PEFT's path is kept where ours does not apply."""
 
-import pytest
 import torch
 
-from llama4x.lora_experts import grouped_mm, lora_experts_forward, peft_expert_adapters
+from llama4x.lora_experts import lora_experts_forward, peft_expert_adapters
 from llama4x.moe import Llama4XExperts
 from test_lora import lora_model
 from tiny import random_ids
@@ -106,24 +105,6 @@ def test_merged_disabled_or_several_adapters_use_pefts_own_forward():
     assert peft_expert_adapters(moe.experts) is None
     plain = Llama4XExperts(moe.config)
     assert peft_expert_adapters(plain) == (plain, {})
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("sizes", [(6, 3), (16, 8)], ids=["loop", "grouped"])  # rows of 16 bytes or not
-def test_grouped_mm_equals_a_loop_over_experts_including_empty_groups(dtype, sizes):
-    generator = torch.Generator().manual_seed(0)
-    x = torch.randn(10, sizes[0], generator=generator).to(dtype).requires_grad_(True)
-    w = torch.randn(4, *sizes, generator=generator).to(dtype).requires_grad_(True)
-    offsets = torch.tensor([3, 3, 9, 10], dtype=torch.int32)  # expert 1 gets no rows
-    expected = torch.cat([x[0:3] @ w[0], x[3:9] @ w[2], x[9:10] @ w[3]])
-    (grouped_mm(x, w, offsets) * torch.randn(10, sizes[1]).to(dtype)).sum().backward()  # backward: same operands
-    assert x.grad is not None and w.grad[1].abs().sum() == 0
-    torch.testing.assert_close(
-        grouped_mm(x, w, offsets),
-        expected,
-        rtol=1e-2 if dtype == torch.bfloat16 else 1e-5,
-        atol=1e-2 if dtype == torch.bfloat16 else 1e-5,
-    )
 
 
 def test_float64_model_runs_the_activation_path_and_matches_pefts_merged_weights():

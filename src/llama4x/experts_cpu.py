@@ -10,9 +10,8 @@ bandwidth, so this path:
 Measured on the benchmark's 8 MoE layers (hidden 512, 16 experts of 1024): 1.4x faster than `grouped_mm` at 1
 pair, 2.4x at 8, 2.2x at 64, 1.1x at 128, 0.85x at 256; slower in bfloat16 at every size, and 4-8x slower with a
 backward pass (forward+backward at 8 and 32 pairs). Hence the rule in
-`use_cpu_expert_loop`, applied to the default `grouped_mm` through transformers' experts interface (a local
-mapping, so other models keep transformers' `grouped_mm`). Inside the experts module's forward, so hooks on it
-(accelerate's offloading) run first.
+`use_cpu_expert_loop`, which llama4x's `grouped_mm` (`experts_grouped.py`) applies. Inside the experts module's
+forward, so hooks on it (accelerate's offloading) run first.
 
 Shapes: T tokens, K experts per token, S = T * K pairs, H hidden, I expert intermediate size, n rows of one expert.
 """
@@ -22,13 +21,13 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import torch
-from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, ExpertsInterface
+
+from .expert_pairs import sort_pairs
 
 if TYPE_CHECKING:
     from .moe import Llama4XExperts
 
 MAX_PAIRS = 128  # above this torch's grouped GEMM is as fast or faster (measured, see above)
-GROUPED_GEMM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what torch's grouped GEMM kernel takes
 
 
 def use_cpu_expert_loop(experts: Llama4XExperts, hidden_TH: torch.Tensor, top_k_index_TK: torch.Tensor) -> bool:
@@ -54,11 +53,10 @@ def cpu_expert_loop(
     """`Llama4XExperts.forward` as one threaded GEMM per used expert and projection: weighted expert sum `(T, H)`."""
     if top_k_index_TK.numel() == 0:
         return torch.zeros_like(hidden_TH)
-    K = top_k_index_TK.shape[1]
-    expert_S, order_S = torch.sort(top_k_index_TK.reshape(-1), stable=True)
-    token_S = order_S // K
-    x_SH = hidden_TH[token_S]
-    rows_per_expert = torch.bincount(expert_S, minlength=experts.num_experts).tolist()
+    pairs = sort_pairs(top_k_index_TK, experts.num_experts)
+    x_SH = hidden_TH[pairs.token_S]
+    ends = pairs.offsets_E.tolist()  # the loop's sizes: one read-back
+    rows_per_expert = [end - start for start, end in zip([0, *ends[:-1]], ends)]
     if x_SH.shape[0] == 1:
         x_SH = x_SH.repeat(2, 1)  # one pair in all: a second row for the two-row window below
     outputs, start = [], 0
@@ -74,19 +72,5 @@ def cpu_expert_loop(
         y_Hn = experts.down_proj[expert] @ act_nI.T
         outputs.append(y_Hn.T[start - first : start - first + rows])  # (rows, H)
         start += rows
-    y_SH = torch.cat(outputs) * top_k_weights_TK.reshape(-1)[order_S, None].to(hidden_TH.dtype)
-    return torch.zeros_like(hidden_TH).index_add_(0, token_S, y_SH)
-
-
-def grouped_mm_or_cpu_expert_loop(
-    experts: Llama4XExperts, hidden_TH: torch.Tensor, top_k_index_TK: torch.Tensor, top_k_weights_TK: torch.Tensor
-) -> torch.Tensor:
-    """llama4x's `grouped_mm`: `cpu_expert_loop` where `use_cpu_expert_loop` says so or where torch's grouped GEMM
-    takes no such dtype (float64, on any device: the loop is exact there too), else transformers' own."""
-    if hidden_TH.dtype not in GROUPED_GEMM_DTYPES or use_cpu_expert_loop(experts, hidden_TH, top_k_index_TK):
-        return cpu_expert_loop(experts, hidden_TH, top_k_index_TK, top_k_weights_TK)
-    return ALL_EXPERTS_FUNCTIONS["grouped_mm"](experts, hidden_TH, top_k_index_TK, top_k_weights_TK)
-
-
-LLAMA4X_EXPERTS_FUNCTIONS = ExpertsInterface()
-LLAMA4X_EXPERTS_FUNCTIONS["grouped_mm"] = grouped_mm_or_cpu_expert_loop
+    y_SH = torch.cat(outputs) * pairs.gather_weights(top_k_weights_TK).to(hidden_TH.dtype)
+    return pairs.sum_per_token(y_SH)

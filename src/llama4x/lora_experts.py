@@ -21,9 +21,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers.integrations.moe import _grouped_mm as transformers_grouped_mm
 
-from .experts_cpu import GROUPED_GEMM_DTYPES
+from .experts_grouped import grouped_experts_forward, grouped_mm
 from .moe import Llama4XExperts
 
 
@@ -81,35 +80,12 @@ def lora_experts_forward(
     top_k_weights_TK: torch.Tensor,
 ) -> torch.Tensor:
     """`Llama4XExperts.forward` with the adapters applied to activations: weighted expert sum `(T, H)`."""
-    T, K = top_k_index_TK.shape
-    expert_S, order_S = torch.sort(top_k_index_TK.reshape(-1), stable=True)
-    token_S = order_S // K
-    experts_E = torch.arange(experts.num_experts, device=expert_S.device)
-    offsets_E = torch.searchsorted(expert_S, experts_E, right=True).to(torch.int32)  # pairs up to expert e
-    x_SH = hidden_TH[token_S]
-    gate_SI, up_SI = _project(x_SH, experts.gate_up_proj, offsets_E, adapters.get("gate_up_proj")).chunk(2, dim=-1)
-    y_SH = _project(experts.act_fn(gate_SI) * up_SI, experts.down_proj, offsets_E, adapters.get("down_proj"))
-    y_SH = y_SH * top_k_weights_TK.reshape(-1)[order_S, None].to(y_SH.dtype)
-    return torch.zeros_like(hidden_TH).index_add_(0, token_S, y_SH.to(hidden_TH.dtype))
 
-
-def _project(
-    x_SI: torch.Tensor, weight_EOI: torch.Tensor, offsets_E: torch.Tensor, low_rank: ExpertLowRank | None
-) -> torch.Tensor:
-    """Each pair's row times its expert's `weight^T`, plus the adapter's low-rank term."""
-    out_SO = grouped_mm(x_SI, weight_EOI.transpose(-2, -1), offsets_E)
-    if low_rank is not None:
+    def low_rank_term(name: str, x_SI: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor | None:
+        low_rank = adapters.get(name)
+        if low_rank is None:
+            return None
         inner_SR = grouped_mm(x_SI, low_rank.down_EIR.to(x_SI.dtype), offsets_E)
-        out_SO = out_SO + low_rank.scaling * grouped_mm(inner_SR, low_rank.up_ERO.to(x_SI.dtype), offsets_E)
-    return out_SO
+        return low_rank.scaling * grouped_mm(inner_SR, low_rank.up_ERO.to(x_SI.dtype), offsets_E)
 
-
-def grouped_mm(x_SI: torch.Tensor, weight_EIO: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
-    """Rows `offsets[e-1]:offsets[e]` of `x` times `weight[e]`, through transformers' grouped GEMM dispatcher (torch's
-    kernel where it applies, a compile-safe per-expert loop otherwise), straight to that loop where torch's kernel
-    rejects the operands: a row length that is not a multiple of 16 bytes (low ranks in float32), or float64."""
-    x_SI = x_SI.to(weight_EIO.dtype)
-    aligned = all(size * x_SI.element_size() % 16 == 0 for size in weight_EIO.shape[1:])
-    if aligned and x_SI.dtype in GROUPED_GEMM_DTYPES:
-        return transformers_grouped_mm(x_SI, weight_EIO, offs=offsets_E)
-    return torch.ops.transformers.grouped_mm_fallback(x_SI, weight_EIO, offs=offsets_E)
+    return grouped_experts_forward(experts, hidden_TH, top_k_index_TK, top_k_weights_TK, low_rank_term)

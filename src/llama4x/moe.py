@@ -16,8 +16,9 @@ Forward of `Llama4XMoE`, step by step:
        balancing bias (selection only), restricted to the best groups when group-limited;
        combine weights `topk_weight_TK` are the unbiased scores (optionally renormalised and scaled);
     3. routed experts on the selected (token, expert) pairs only, through transformers' experts interface
-       (`grouped_mm` sorts the pairs by expert and runs one grouped GEMM per projection; decode-sized float32
-       batches on CPU run one threaded GEMM per used expert instead, see `experts_cpu.py`);
+       (`grouped_mm`, llama4x's own, sorts the pairs by expert and runs one grouped GEMM per projection, see
+       `experts_grouped.py`; decode-sized float32 batches on CPU run one threaded GEMM per used expert instead, see
+       `experts_cpu.py`);
        Llama 4 scales each expert's *input* by its weight, other models the output;
     4. `out = shared_experts(x) + sum_k routed_k`.
 """
@@ -31,7 +32,7 @@ from transformers.activations import ACT2FN
 from transformers.integrations import use_experts_implementation
 
 from .configuration_llama4x import Llama4XTextConfig
-from .experts_cpu import LLAMA4X_EXPERTS_FUNCTIONS
+from .experts_grouped import LLAMA4X_EXPERTS_FUNCTIONS
 
 
 class Llama4XMLP(nn.Module):

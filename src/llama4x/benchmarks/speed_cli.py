@@ -1,5 +1,5 @@
-"""`llama4x bench moe-layer | train | decode | decode-overhead | long-context | kv-cache | lora | speed`: the speed
-benchmarks of `llama4x.benchmarks.speed` and `.overhead` from the command line. Each prints its medians beside the
+"""`llama4x bench moe-layer | grouped-gemm | train | decode | decode-overhead | long-context | kv-cache | lora | speed`:
+the speed benchmarks of `llama4x.benchmarks.speed`, `.grouped_gemm` and `.overhead` from the command line. Each prints its medians beside the
 ratios to its baseline and writes `--out/bench_<name>_<device>.json`."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-from . import overhead, speed
+from . import grouped_gemm, overhead, speed
 
 
 def _positive_int(text: str) -> int:
@@ -76,6 +76,12 @@ def _moe_layer(args, device, dtype) -> dict:
     return results
 
 
+def _grouped_gemm(args, device, dtype) -> dict:
+    return grouped_gemm.bench_grouped_gemm(
+        args.hidden, args.expert_size, args.experts, args.top_k, args.tokens, dtype, device, args.repeats
+    )
+
+
 def _train(args, device, dtype) -> dict:
     return speed.bench_train(_shapes(args), args.batch, args.seq, dtype, device, args.repeats, args.compile)
 
@@ -108,6 +114,10 @@ def _lora(args, device, dtype) -> dict:
 
 COMMANDS = {
     "moe-layer": (_moe_layer, "one MoE block fwd and fwd+bwd vs transformers' Llama4TextMoe vs a dense SwiGLU"),
+    "grouped-gemm": (
+        _grouped_gemm,
+        "the routed experts' grouped GEMMs (two weight layouts) vs a dense GEMM of the same FLOPs, per projection",
+    ),
     "train": (_train, "whole-model training step vs transformers' Llama 4 vs the dense-equal-active Llama"),
     "decode": (_decode, "greedy generate tokens/s at the given batch sizes"),
     "decode-overhead": (
@@ -135,13 +145,14 @@ def add_speed_commands(subparsers, parents: list[argparse.ArgumentParser]) -> No
                 "--repeats", type=_positive_int, default=5, help="timed repeats; the median is reported"
             )
         parser.add_argument("--out", default="benchmarks/results", help="folder for the JSON (default: %(default)s)")
-        if name == "moe-layer":
+        if name in ("moe-layer", "grouped-gemm"):
             parser.add_argument("--hidden", type=_positive_int, default=512)
             parser.add_argument("--expert-size", type=_positive_int, default=1024)
             parser.add_argument("--experts", type=_positive_int, default=16)
             parser.add_argument("--top-k", type=_positive_int, default=1)
             parser.add_argument("--tokens", type=_positive_int, default=2048)
-            parser.add_argument("--profile", action="store_true", help="also write torch.profiler op tables")
+            if name == "moe-layer":
+                parser.add_argument("--profile", action="store_true", help="also write torch.profiler op tables")
         elif name == "decode-overhead":
             _add_shape_options(parser, overhead.overhead_shapes())
             parser.add_argument("--batch", type=_positive_int, default=1)
@@ -202,12 +213,12 @@ def _arguments(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def print_table(results: dict, prefix: str = "") -> None:
-    """One line per measured quantity: each model's value, then its ratio to the baseline (dense Llama / frozen
-    base) when the row has one."""
+    """One line per measured quantity: each model's value, then its ratio to the baseline (dense Llama, dense GEMM,
+    frozen base) when the row has one."""
     for key, value in results.items():
         label = f"{prefix}{key}"
         if isinstance(value, dict) and value and all(isinstance(v, (int, float)) for v in value.values()):
-            baseline = next((b for b in ("dense_llama", "frozen_base") if value.get(b)), None)
+            baseline = next((b for b in ("dense_llama", "dense_mm", "frozen_base") if value.get(b)), None)
             cells = []
             for name, number in value.items():
                 ratio = f" ({number / value[baseline]:.2f}x)" if baseline else ""
