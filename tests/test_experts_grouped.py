@@ -11,22 +11,10 @@ from llama4x import experts_grouped
 from llama4x.benchmarks.overhead import OperatorCounter
 from llama4x.experts_cpu import cpu_expert_loop
 from llama4x.experts_grouped import grouped_experts_forward, grouped_mm
-from llama4x.moe import Llama4XExperts
-from tiny import random_ids, tiny_model, tiny_text_config
+from test_experts_cpu import float64_expert_sum, make_experts
+from tiny import random_ids, tiny_model
 
 transformers_grouped_mm_experts = ALL_EXPERTS_FUNCTIONS["grouped_mm"]
-
-
-def make_experts(num_experts: int, hidden: int = 32, intermediate: int = 16, seed: int = 0) -> Llama4XExperts:
-    torch.manual_seed(seed)
-    config = tiny_text_config(
-        num_local_experts=num_experts, num_experts_per_tok=1, hidden_size=hidden, moe_intermediate_size=intermediate
-    )
-    experts = Llama4XExperts(config)
-    with torch.no_grad():
-        experts.gate_up_proj.normal_(0.0, 0.3)
-        experts.down_proj.normal_(0.0, 0.3)
-    return experts
 
 
 def random_routing(tokens: int, num_experts: int, top_k: int, seed: int, dtype=torch.float32):
@@ -61,22 +49,19 @@ def test_equals_transformers_grouped_mm_experts_bitwise(num_experts, tokens, top
 
 
 @pytest.mark.parametrize("top_k", [1, 2])
-def test_gradients_equal_a_loop_over_experts(top_k):
-    """Input and weight gradients against `cpu_expert_loop` run under float64 (a per-expert `@` loop)."""
+def test_gradients_equal_float64_autograd_of_a_loop_over_pairs(top_k):
+    """Input, combine-weight and expert-weight gradients against autograd through `float64_expert_sum`."""
     experts = make_experts(4, seed=3)
     hidden, index, weights = random_routing(12, 4, top_k, seed=4)
-    hidden.requires_grad_()
-    weights.requires_grad_()
-    upstream = torch.randn(12, 32, generator=torch.Generator().manual_seed(5))
-    (grouped_experts_forward(experts, hidden, index, weights) * upstream).sum().backward()
-    ours = [t.grad.clone() for t in (hidden, weights, experts.gate_up_proj, experts.down_proj)]
-
-    reference = make_experts(4, seed=3).double()
-    hidden64, weights64 = hidden.detach().double().requires_grad_(), weights.detach().double().requires_grad_()
-    (cpu_expert_loop(reference, hidden64, index, weights64) * upstream.double()).sum().backward()
-    expected = [hidden64.grad, weights64.grad, reference.gate_up_proj.grad, reference.down_proj.grad]
-    for got, want in zip(ours, expected):
-        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    upstream = torch.randn(12, 32, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    grads = []
+    for forward in (grouped_experts_forward, float64_expert_sum):
+        experts.zero_grad(set_to_none=True)
+        x, w = hidden.clone().requires_grad_(), weights.clone().requires_grad_()
+        (forward(experts, x, index, w).double() * upstream).sum().backward()
+        grads.append([t.grad.double() for t in (x, w, experts.gate_up_proj, experts.down_proj)])
+    for got, want in zip(*grads):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_no_tokens_give_an_empty_output():
