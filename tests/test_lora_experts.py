@@ -103,6 +103,11 @@ def test_merged_disabled_or_several_adapters_use_pefts_own_forward():
     peft_model.add_adapter("second", peft_model.peft_config["default"])
     peft_model.base_model.set_adapter(["default", "second"])
     assert peft_expert_adapters(moe.experts) is None
+    peft_model.base_model.set_adapter("default")
+    assert peft_expert_adapters(moe.experts) is not None
+    inner = peft_expert_adapters(moe.experts)[0]
+    inner._is_expert_parallel = True  # as transformers' expert-parallel plan marks split experts
+    assert peft_expert_adapters(moe.experts) is None
     plain = Llama4XExperts(moe.config)
     assert peft_expert_adapters(plain) == (plain, {})
 

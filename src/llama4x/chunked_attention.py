@@ -52,7 +52,8 @@ class BlockwiseChunks:
         scaling: float,
         dropout: float = 0.0,
     ) -> torch.Tensor:
-        """Causal attention within each chunk; returns `(B, S, h, D)` like the attention interface."""
+        """Causal attention within each chunk; returns `(B, S, h, D)`, contiguous, like the attention interface (a
+        tensor-parallel `o_proj` takes only contiguous inputs)."""
         B, _, S, _ = query_BhSD.shape
         if self.left_padding is not None:
             query_BhSD, key_BhSD, value_BhSD = (
@@ -64,7 +65,7 @@ class BlockwiseChunks:
         out_BShD = out_BNChD.reshape(B, -1, *out_BNChD.shape[2:])[:, :S]
         if self.left_padding is not None:
             out_BShD = _rotate_rows(out_BShD.transpose(1, 2), -self.left_padding).transpose(1, 2)
-        return out_BShD
+        return out_BShD.contiguous()
 
 
 def blockwise_chunks_for(

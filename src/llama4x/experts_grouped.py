@@ -20,7 +20,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
-from transformers.integrations.moe import ExpertsInterface
+from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, ExpertsInterface
 from transformers.integrations.moe import _grouped_mm as transformers_grouped_mm
 
 from .expert_pairs import sort_pairs
@@ -72,8 +72,12 @@ def grouped_experts_forward(
 def llama4x_grouped_mm(
     experts: Llama4XExperts, hidden_TH: torch.Tensor, top_k_index_TK: torch.Tensor, top_k_weights_TK: torch.Tensor
 ) -> torch.Tensor:
-    """The default experts implementation: `cpu_expert_loop` where `use_cpu_expert_loop` says so or where torch's
-    grouped GEMM takes no such dtype (float64, on any device: the loop is exact there), else the grouped GEMMs."""
+    """The default experts implementation: transformers' own `grouped_mm` when the experts are split over
+    expert-parallel ranks (it skips the off-rank pairs, marked by ids `>= num_experts`); `cpu_expert_loop` where
+    `use_cpu_expert_loop` says so or where torch's grouped GEMM takes no such dtype (float64, on any device: the loop
+    is exact there); else the grouped GEMMs."""
+    if getattr(experts, "_is_expert_parallel", False):
+        return ALL_EXPERTS_FUNCTIONS["grouped_mm"](experts, hidden_TH, top_k_index_TK, top_k_weights_TK)
     if hidden_TH.dtype not in GROUPED_GEMM_DTYPES or use_cpu_expert_loop(experts, hidden_TH, top_k_index_TK):
         return cpu_expert_loop(experts, hidden_TH, top_k_index_TK, top_k_weights_TK)
     return grouped_experts_forward(experts, hidden_TH, top_k_index_TK, top_k_weights_TK)

@@ -9,8 +9,8 @@ every expert: it rebuilds an `(E, out, in)` tensor per projection per forward, a
 grouped GEMM per projection for the frozen weight plus two thin grouped GEMMs for the adapter,
 `x W_e^T + s (x A_e^T) B_e^T`, so the base weights get no gradient and nothing of size `(E, out, in)` is built. The
 adapter is still PEFT's own: the same parameters, saved, loaded and merged by PEFT. Anything this path does not cover
-(several active adapters, a merged or disabled adapter, a LoRA bias, an unexpected factor layout) goes through
-PEFT's wrapper unchanged.
+(several active adapters, a merged or disabled adapter, a LoRA bias, an unexpected factor layout, experts split over
+expert-parallel processes) goes through PEFT's wrapper unchanged.
 
 Shapes: S (token, expert) pairs sorted by expert, E experts, r the rank, `in`/`out` a projection's sizes.
 """
@@ -44,6 +44,8 @@ def peft_expert_adapters(module: nn.Module) -> tuple[Llama4XExperts, dict[str, E
             return None
         wrappers.append(module)
         module = module.base_layer
+    if getattr(module, "_is_expert_parallel", False):  # off-rank pairs: left to the experts implementation
+        return None
     adapters = {}
     for wrapper in wrappers:
         low_rank = _low_rank(wrapper, getattr(module, wrapper.parameter_name))

@@ -72,6 +72,8 @@ class Llama4XExperts(nn.Module):
         """`hidden_states (T, H)`, `top_k_index (T, K)`, `top_k_weights (T, K)` -> weighted expert sum `(T, H)`."""
         out_TH = torch.zeros_like(hidden_states)
         for expert in top_k_index.unique().tolist():
+            if expert >= self.num_experts:  # a pair for another rank's expert (expert parallelism): not computed here
+                continue
             token_idx, k_idx = torch.where(top_k_index == expert)
             gate, up = F.linear(hidden_states[token_idx], self.gate_up_proj[expert]).chunk(2, dim=-1)
             expert_out = F.linear(self.act_fn(gate) * up, self.down_proj[expert])

@@ -1,0 +1,42 @@
+"""One rank of `test_expert_parallel.py`: loads the checkpoint in `argv[1]` split over the ranks (tensor-parallel
+attention, expert-parallel experts), then rank 0 saves to `argv[3]` the logits, a training step's loss and the full
+gradient of every MoE layer's stacked expert weights, computed with the experts implementation `argv[2]`."""
+
+import sys
+
+import torch
+import torch.distributed as dist
+from transformers import AutoModelForCausalLM
+from transformers.distributed import DistributedConfig
+
+import llama4x  # noqa: F401  (registers the Auto classes)
+from tiny import random_ids
+
+
+def full(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+
+
+def main(checkpoint: str, implementation: str, out: str) -> None:
+    model = AutoModelForCausalLM.from_pretrained(
+        checkpoint, distributed_config=DistributedConfig(tp_size=2, ep_size=2), experts_implementation=implementation
+    )
+    experts = [layer.feed_forward.experts for layer in model.model.layers]
+    assert all(e._is_expert_parallel and e.num_experts == model.config.num_local_experts // 2 for e in experts)
+    ids = random_ids(2, 9)
+    with torch.no_grad():
+        logits = model(ids).logits
+    model.train()
+    loss = model(ids, labels=ids).loss
+    loss.backward()
+    grads = {
+        f"{i}.{name}": full(getattr(e, name).grad)
+        for i, e in enumerate(experts)
+        for name in ("gate_up_proj", "down_proj")
+    }
+    if dist.get_rank() == 0:
+        torch.save({"logits": logits, "loss": loss.detach(), "grads": grads}, out)
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:4])

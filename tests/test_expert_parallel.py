@@ -1,0 +1,48 @@
+"""Expert parallelism through transformers' distributed API and llama4x's `base_model_ep_plan`: two CPU processes
+(gloo), attention split by the tensor-parallel plan, each process holding half the experts, against one process
+holding the whole model: the same logits, training loss and expert-weight gradients, for each experts
+implementation. At inference the processes share the batch and each computes its own experts' pairs (the others
+arrive as ids `>= num_experts`, which every implementation must skip); in training the pairs travel all-to-all."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from test_multiprocess import ROOT, free_port
+from tiny import random_ids, tiny_model
+
+pytest.importorskip(
+    "transformers.distributed.expert_parallel",
+    reason="this transformers has no `ep_size` or `ep_dispatch_experts` (5.17 has not, 5.24 has), which llama4x's plan uses",
+)
+
+
+@pytest.mark.parametrize("implementation", ["grouped_mm", "batched_mm", "eager"])
+def test_two_expert_parallel_processes_match_one_process(implementation, tmp_path):
+    model = tiny_model(seed=0)
+    model.save_pretrained(tmp_path / "model")
+    ids = random_ids(2, 9)
+    with torch.no_grad():
+        expected_logits = model(ids).logits
+    model.train()
+    expected_loss = model(ids, labels=ids).loss
+    expected_loss.backward()
+
+    worker = Path(__file__).with_name("expert_parallel_worker.py")
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+               str(free_port()), str(worker), str(tmp_path / "model"), implementation, str(tmp_path / "rank0.pt")]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": f"{ROOT / 'src'}:{ROOT / 'tests'}"}
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=240, env=env)
+    assert result.returncode == 0, result.stderr[-5000:]
+
+    got = torch.load(tmp_path / "rank0.pt")
+    torch.testing.assert_close(got["logits"], expected_logits, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got["loss"], expected_loss.detach(), rtol=1e-6, atol=1e-6)
+    for i, layer in enumerate(model.model.layers):
+        for name in ("gate_up_proj", "down_proj"):
+            expected = getattr(layer.feed_forward.experts, name).grad
+            torch.testing.assert_close(got["grads"][f"{i}.{name}"], expected, rtol=1e-5, atol=1e-7)
