@@ -1,6 +1,7 @@
 """One rank of `test_expert_parallel.py`: loads the checkpoint in `argv[1]` split over the ranks (tensor-parallel
-attention, expert-parallel experts), then rank 0 saves to `argv[3]` the logits, a training step's loss and the full
-gradient of every MoE layer's stacked expert weights, computed with the experts implementation `argv[2]`."""
+attention; routed experts split by expert when `argv[4]` is `ep`, else tensor-parallel too), then rank 0 saves to
+`argv[3]` the logits, a training step's loss and the full gradient of every MoE layer's stacked expert weights,
+computed with the experts implementation `argv[2]`."""
 
 import sys
 
@@ -17,12 +18,14 @@ def full(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
 
 
-def main(checkpoint: str, implementation: str, out: str) -> None:
+def main(checkpoint: str, implementation: str, out: str, split: str) -> None:
+    sizes = {"tp_size": 2, "ep_size": 2} if split == "ep" else {"tp_size": 2}
     model = AutoModelForCausalLM.from_pretrained(
-        checkpoint, distributed_config=DistributedConfig(tp_size=2, ep_size=2), experts_implementation=implementation
+        checkpoint, distributed_config=DistributedConfig(**sizes), experts_implementation=implementation
     )
     experts = [layer.feed_forward.experts for layer in model.model.layers]
-    assert all(e._is_expert_parallel and e.num_experts == model.config.num_local_experts // 2 for e in experts)
+    local_experts = model.config.num_local_experts // (2 if split == "ep" else 1)
+    assert all(e._is_expert_parallel == (split == "ep") and e.num_experts == local_experts for e in experts)
     ids = random_ids(2, 9)
     with torch.no_grad():
         logits = model(ids).logits
@@ -39,4 +42,4 @@ def main(checkpoint: str, implementation: str, out: str) -> None:
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:4])
+    main(*sys.argv[1:5])

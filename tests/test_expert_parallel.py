@@ -1,6 +1,7 @@
-"""Expert parallelism through transformers' distributed API and llama4x's `base_model_ep_plan`: two CPU processes
-(gloo), attention split by the tensor-parallel plan, each process holding half the experts, against one process
-holding the whole model: the same logits, training loss and expert-weight gradients, for each experts
+"""Expert and tensor parallelism through transformers' distributed API and llama4x's `base_model_ep_plan` /
+`base_model_tp_plan`: two CPU processes (gloo), attention split by the tensor-parallel plan and the routed experts
+either by expert (each process holds half of them) or by the tensor-parallel plan, against one process holding the
+whole model: the same logits, training loss and expert-weight gradients, for each experts
 implementation. At inference the processes share the batch and each computes its own experts' pairs (the others
 arrive as ids `>= num_experts`, which every implementation must skip); in training the pairs travel all-to-all."""
 
@@ -21,8 +22,12 @@ pytest.importorskip(
 )
 
 
-@pytest.mark.parametrize("implementation", ["grouped_mm", "batched_mm", "eager"])
-def test_two_expert_parallel_processes_match_one_process(implementation, tmp_path):
+@pytest.mark.parametrize(
+    "implementation, split",
+    [("grouped_mm", "ep"), ("batched_mm", "ep"), ("eager", "ep"), ("grouped_mm", "tp")],
+    ids=["ep-grouped_mm", "ep-batched_mm", "ep-eager", "tp-grouped_mm"],
+)
+def test_two_parallel_processes_match_one_process(implementation, split, tmp_path):
     model = tiny_model(seed=0)
     model.save_pretrained(tmp_path / "model")
     ids = random_ids(2, 9)
@@ -34,7 +39,7 @@ def test_two_expert_parallel_processes_match_one_process(implementation, tmp_pat
 
     worker = Path(__file__).with_name("expert_parallel_worker.py")
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-               str(free_port()), str(worker), str(tmp_path / "model"), implementation, str(tmp_path / "rank0.pt")]  # fmt: skip
+               str(free_port()), str(worker), str(tmp_path / "model"), implementation, str(tmp_path / "rank0.pt"), split]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": f"{ROOT / 'src'}:{ROOT / 'tests'}"}
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=240, env=env)
     assert result.returncode == 0, result.stderr[-5000:]
