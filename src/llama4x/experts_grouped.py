@@ -9,7 +9,8 @@ against transformers 5.24's histc, float cast, cumsum, integer division, inverse
 and gather back.
 
 Decode-sized float32 batches on CPU go to `experts_cpu`'s loop instead, and dtypes torch's grouped GEMM does not
-take (float64) too: see `llama4x_grouped_mm`.
+take (float64) too; experts split over expert-parallel processes go to transformers' function, which skips the pairs
+of other processes' experts: see `llama4x_grouped_mm`.
 
 Shapes: T tokens, K experts per token, S = T * K pairs, E experts, H hidden, I expert intermediate size.
 """
