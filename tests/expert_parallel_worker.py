@@ -1,7 +1,7 @@
 """One rank of `test_expert_parallel.py`: loads the checkpoint in `argv[1]` split over the ranks (tensor-parallel
 attention; routed experts split by expert when `argv[4]` is `ep`, else tensor-parallel too), then rank 0 saves to
-`argv[3]` the logits, a training step's loss and the full gradient of every MoE layer's stacked expert weights,
-computed with the experts implementation `argv[2]`."""
+`argv[3]` the logits, a training step's loss and the full gradient of every FFN weight (router, routed and shared
+experts, dense MLPs), computed with the experts implementation `argv[2]`."""
 
 import sys
 
@@ -23,20 +23,16 @@ def main(checkpoint: str, implementation: str, out: str, split: str) -> None:
     model = AutoModelForCausalLM.from_pretrained(
         checkpoint, distributed_config=DistributedConfig(**sizes), experts_implementation=implementation
     )
-    experts = [layer.feed_forward.experts for layer in model.model.layers]
+    experts = {i: layer.feed_forward.experts for i, layer in enumerate(model.model.layers) if layer.is_moe_layer}
     local_experts = model.config.num_local_experts // (2 if split == "ep" else 1)
-    assert all(e._is_expert_parallel == (split == "ep") and e.num_experts == local_experts for e in experts)
+    assert all(e._is_expert_parallel == (split == "ep") and e.num_experts == local_experts for e in experts.values())
     ids = random_ids(2, 9)
     with torch.no_grad():
         logits = model(ids).logits
     model.train()
     loss = model(ids, labels=ids).loss
     loss.backward()
-    grads = {
-        f"{i}.{name}": full(getattr(e, name).grad)
-        for i, e in enumerate(experts)
-        for name in ("gate_up_proj", "down_proj")
-    }
+    grads = {name: full(param.grad) for name, param in model.named_parameters() if ".feed_forward." in name}
     if dist.get_rank() == 0:
         torch.save({"logits": logits, "loss": loss.detach(), "grads": grads}, out)
 

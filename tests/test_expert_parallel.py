@@ -23,12 +23,14 @@ pytest.importorskip(
 
 
 @pytest.mark.parametrize(
-    "implementation, split",
-    [("grouped_mm", "ep"), ("batched_mm", "ep"), ("eager", "ep"), ("grouped_mm", "tp")],
-    ids=["ep-grouped_mm", "ep-batched_mm", "ep-eager", "tp-grouped_mm"],
-)
-def test_two_parallel_processes_match_one_process(implementation, split, tmp_path):
-    model = tiny_model(seed=0)
+    "implementation, split, moe_layers",
+    [("grouped_mm", "ep", None), ("batched_mm", "ep", None), ("eager", "ep", None), ("grouped_mm", "tp", None),
+     ("grouped_mm", "ep", [1, 3]), ("grouped_mm", "tp", [1, 3])],
+    ids=["ep-grouped_mm", "ep-batched_mm", "ep-eager", "tp-grouped_mm", "ep-dense-and-moe", "tp-dense-and-moe"],
+)  # fmt: skip
+def test_two_parallel_processes_match_one_process(implementation, split, moe_layers, tmp_path):
+    """`moe_layers` [1, 3]: dense MLPs in layers 0 and 2, so the plans' dense-MLP rules match parameters too."""
+    model = tiny_model(seed=0, **({} if moe_layers is None else {"moe_layers": moe_layers}))
     model.save_pretrained(tmp_path / "model")
     ids = random_ids(2, 9)
     with torch.no_grad():
@@ -47,7 +49,9 @@ def test_two_parallel_processes_match_one_process(implementation, split, tmp_pat
     got = torch.load(tmp_path / "rank0.pt")
     torch.testing.assert_close(got["logits"], expected_logits, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(got["loss"], expected_loss.detach(), rtol=1e-6, atol=1e-6)
-    for i, layer in enumerate(model.model.layers):
-        for name in ("gate_up_proj", "down_proj"):
-            expected = getattr(layer.feed_forward.experts, name).grad
-            torch.testing.assert_close(got["grads"][f"{i}.{name}"], expected, rtol=1e-5, atol=1e-7)
+    expected_grads = {name: p.grad for name, p in model.named_parameters() if ".feed_forward." in name}
+    assert sorted(got["grads"]) == sorted(expected_grads)
+    for name, expected in expected_grads.items():
+        torch.testing.assert_close(
+            got["grads"][name], expected, rtol=1e-5, atol=1e-7, msg=lambda m, name=name: f"{name}: {m}"
+        )
