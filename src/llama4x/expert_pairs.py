@@ -19,6 +19,15 @@ class ExpertPairs:
     offsets_E: torch.Tensor  # (E,) int32: the sorted pairs of expert e are rows offsets[e-1]:offsets[e]
     top_k: int
 
+    def gather_rows(self, hidden_TH: torch.Tensor) -> torch.Tensor:
+        """Each sorted pair's token row `(S, H)`. At top-1 the pairs are a permutation of the tokens: `index_select`,
+        whose backward scatters onto distinct rows, 2-3x faster forward+backward on CPU than advanced indexing, whose
+        backward sorts to accumulate (measured at 8192 x 512). With K > 1 tokens repeat, and that sorted
+        accumulation keeps the gradient deterministic on CUDA."""
+        if self.top_k == 1:
+            return hidden_TH.index_select(0, self.token_S)
+        return hidden_TH[self.token_S]
+
     def gather_weights(self, top_k_weights_TK: torch.Tensor) -> torch.Tensor:
         """The combine weight of each sorted pair `(S, 1)`."""
         return top_k_weights_TK.reshape(-1)[self.order_S, None]

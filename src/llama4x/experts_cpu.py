@@ -54,7 +54,7 @@ def cpu_expert_loop(
     if top_k_index_TK.numel() == 0:
         return torch.zeros_like(hidden_TH)
     pairs = sort_pairs(top_k_index_TK, experts.num_experts)
-    x_SH = hidden_TH[pairs.token_S]
+    x_SH = pairs.gather_rows(hidden_TH)
     ends = pairs.offsets_E.tolist()  # the loop's sizes: one read-back
     rows_per_expert = [end - start for start, end in zip([0, *ends[:-1]], ends)]
     if x_SH.shape[0] == 1:

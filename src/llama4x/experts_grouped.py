@@ -64,7 +64,7 @@ def grouped_experts_forward(
         term_SO = None if extra_term is None else extra_term(name, x_SI, pairs.offsets_E)
         return out_SO if term_SO is None else out_SO + term_SO
 
-    gate_SI, up_SI = project("gate_up_proj", hidden_TH[pairs.token_S]).chunk(2, dim=-1)
+    gate_SI, up_SI = project("gate_up_proj", pairs.gather_rows(hidden_TH)).chunk(2, dim=-1)
     y_SH = project("down_proj", experts.act_fn(gate_SI) * up_SI)
     y_SH = y_SH * pairs.gather_weights(top_k_weights_TK).to(y_SH.dtype)
     return pairs.sum_per_token(y_SH).to(hidden_TH.dtype)
