@@ -111,6 +111,12 @@ def test_speed_benchmarks_print_ratios_and_write_json(argv, rows, tmp_path, caps
     assert written["environment"]["torch"] and written["results"]
 
 
+def test_grouped_gemm_refuses_a_top_k_above_the_expert_count(capsys):
+    argv = ["bench", "grouped-gemm", "--experts", "4", "--top-k", "5", "--tokens", "8", "--out", "unused"]
+    assert main(argv) != 0
+    assert "--top-k 5: expected a top-k between 1 and --experts 4" in capsys.readouterr().err
+
+
 def test_moe_layer_profile_writes_op_tables_of_llama4x_and_dense(tmp_path):
     argv = ["bench", "moe-layer", "--hidden", "32", "--expert-size", "16", "--experts", "4", "--tokens", "64"]
     assert main([*argv, "--repeats", "1", "--profile", "--out", str(tmp_path)]) == 0

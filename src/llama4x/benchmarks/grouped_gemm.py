@@ -33,6 +33,8 @@ def bench_grouped_gemm(
 ) -> dict:  # fmt: skip
     """Per projection: `forward_s` and `forward_backward_s` of the two grouped layouts and the dense GEMM (medians),
     and the rows per expert of the routing."""
+    if not 1 <= top_k <= experts:
+        raise ValueError(f"--top-k {top_k}: expected a top-k between 1 and --experts {experts}.")
     generator = torch.Generator(device="cpu").manual_seed(0)
     index_TK = torch.rand(tokens, experts, generator=generator).argsort(dim=-1)[:, :top_k].to(device)
     offsets_E = sort_pairs(index_TK, experts).offsets_E
