@@ -293,11 +293,24 @@ class Llama4XDecoderLayer(GradientCheckpointingLayer):
         return hidden_states + self.residual_dropout(ffn_out), router_logits, topk_index
 
 
-def dense_attention_masks(config, inputs_embeds, attention_mask, cache, position_ids, kinds) -> dict:
-    """transformers' masks for the given layer types ("full_attention": causal, "chunked_attention": chunked)."""
+def dense_attention_masks(
+    config,
+    inputs_embeds,
+    attention_mask,
+    cache,
+    position_ids,
+    kinds,
+    cache_layer_of_kind: dict[str, int] | None = None,
+) -> dict:
+    """transformers' masks for the given layer types ("full_attention": causal, "chunked_attention": chunked), each
+    sized from the cache of `cache_layer_of_kind[kind]` (default: the first layer of that type)."""
     makers = {"full_attention": create_causal_mask, "chunked_attention": create_chunked_causal_mask}
+    layer_of_kind = cache_layer_of_kind or {}
     return {
-        kind: makers[kind](config, inputs_embeds, attention_mask, cache, position_ids=position_ids) for kind in kinds
+        kind: makers[kind](
+            config, inputs_embeds, attention_mask, cache, position_ids=position_ids, layer_idx=layer_of_kind.get(kind)
+        )
+        for kind in kinds
     }
 
 
@@ -425,14 +438,15 @@ class Llama4XTextModel(Llama4XPreTrainedModel):
         cache = cache if cache is not None else past_key_values
         if use_cache and cache is None:
             cache = DynamicCache(config=self.config)
-        past_seen = cache.get_seq_length() if cache is not None else 0
+        local_layers = self._local_layers()
+        past_seen = cache.get_seq_length(local_layers[0] if local_layers else 0) if cache is not None else 0
         check_text_inputs(self.config, input_ids, inputs_embeds, attention_mask, position_ids, past_seen)
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)  # (B, S, H)
         masks = attention_mask
         if not isinstance(masks, dict):  # `generate` may have prepared them already
             # The caller's position ids only: they may mark packed sequences, the default ones cannot.
-            masks = self._attention_masks(inputs_embeds, attention_mask, cache, position_ids, past_seen)
+            masks = self._attention_masks(inputs_embeds, attention_mask, cache, position_ids, past_seen, local_layers)
         if position_ids is None:
             position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen
             position_ids = position_ids.unsqueeze(0)  # (1, S)
@@ -441,7 +455,7 @@ class Llama4XTextModel(Llama4XPreTrainedModel):
         position_embeddings = self.rotary_emb(hidden_states, position_ids)
         router_logits, topk_indices = [], []
         for layer, layer_type in zip(self.layers, self.config.layer_types):
-            hidden_states, layer_logits, layer_topk = layer(
+            outputs = layer(
                 hidden_states,
                 position_embeddings,
                 position_ids,
@@ -449,6 +463,10 @@ class Llama4XTextModel(Llama4XPreTrainedModel):
                 cache=cache,
                 **kwargs,
             )
+            if isinstance(outputs, torch.Tensor):  # a layer of another pipeline stage: transformers' identity
+                hidden_states = outputs
+                continue
+            hidden_states, layer_logits, layer_topk = outputs
             if layer_logits is not None:
                 router_logits.append(layer_logits)
                 topk_indices.append(layer_topk)
@@ -460,18 +478,34 @@ class Llama4XTextModel(Llama4XPreTrainedModel):
                                  bool(output_router_logits), balancing_losses is not False)  # fmt: skip
         return output
 
-    def _attention_masks(self, inputs_embeds, attention_mask, cache, position_ids, past_seen) -> dict:
-        """One mask per layer type. Chunked layers under SDPA skip their dense (S, S) mask when they can be
-        computed blockwise (see `chunked_attention.py`)."""
+    def _local_layers(self) -> list[int]:
+        """The layers this process runs: all, except on a stage of transformers' pipeline parallelism, where the
+        other stages' layers are identities whose caches stay empty (so positions and masks come from these)."""
+        return [index for index, layer in enumerate(self.layers) if isinstance(layer, Llama4XDecoderLayer)]
+
+    def _attention_masks(
+        self, inputs_embeds, attention_mask, cache, position_ids, past_seen, local_layers: list[int] | None = None
+    ) -> dict:
+        """One mask per layer type, sized from the cache of the first local layer of that type (`local_layers`:
+        default all). Chunked layers under SDPA skip their dense (S, S) mask when they can be computed blockwise
+        (see `chunked_attention.py`)."""
         kinds = set(self.config.layer_types)
+        if local_layers is None:
+            local_layers = list(range(len(self.config.layer_types)))
+        local_layer_of_kind: dict[str, int] = {}
+        for index in local_layers:
+            local_layer_of_kind.setdefault(self.config.layer_types[index], index)
         if "chunked_attention" not in kinds:
-            return dense_attention_masks(self.config, inputs_embeds, attention_mask, cache, position_ids, kinds)
+            return dense_attention_masks(
+                self.config, inputs_embeds, attention_mask, cache, position_ids, kinds, local_layer_of_kind
+            )
         seq_len, chunk = inputs_embeds.shape[1], self.config.attention_chunk_size
         if past_seen + seq_len <= chunk and not getattr(cache, "is_compileable", False):
             # Everything seen so far fits in the first chunk: chunked attention is plain causal attention, and
             # both cache kinds hold the same keys, so the causal mask (often none at all under SDPA) serves both.
+            any_local_layer = {"full_attention": local_layers[0] if local_layers else 0}
             masks = dense_attention_masks(
-                self.config, inputs_embeds, attention_mask, cache, position_ids, {"full_attention"}
+                self.config, inputs_embeds, attention_mask, cache, position_ids, {"full_attention"}, any_local_layer
             )
             return {"full_attention": masks["full_attention"], "chunked_attention": masks["full_attention"]}
         # transformers' masks keep packed sequences apart (position ids restarting in a row) only without a cache
@@ -486,7 +520,9 @@ class Llama4XTextModel(Llama4XPreTrainedModel):
         kinds -= set(masks)
         return {
             **masks,
-            **dense_attention_masks(self.config, inputs_embeds, attention_mask, cache, position_ids, kinds),
+            **dense_attention_masks(
+                self.config, inputs_embeds, attention_mask, cache, position_ids, kinds, local_layer_of_kind
+            ),
         }
 
     def _report_routing(
