@@ -79,3 +79,22 @@ def test_pipeline_parallel_stages_match_one_process_in_logits_and_cached_generat
     got = run_on_two_processes(tmp_path, "grouped_mm", "pp")
     torch.testing.assert_close(got["logits"], expected["logits"], rtol=1e-5, atol=1e-6)
     assert torch.equal(got["tokens"], expected["tokens"])
+
+
+@pytest.mark.skipif(
+    not has_module("transformers.distributed.pipeline_parallel"),
+    reason="this transformers has no pipeline parallelism",
+)
+def test_pipeline_stages_of_the_multimodal_model_are_refused_with_the_way_out(tmp_path):
+    """transformers' pipeline looks for the decoder's `layers` on the base model; the multimodal model keeps them in
+    its `language_model` (without this check: an AttributeError on every rank)."""
+    from transformers.distributed import DistributedConfig
+
+    from llama4x import Llama4XForConditionalGeneration
+    from tiny import tiny_multimodal_model
+
+    tiny_multimodal_model().save_pretrained(tmp_path / "model")
+    with pytest.raises(ValueError, match=r"pp_size=2.*Llama4XForCausalLM"):
+        Llama4XForConditionalGeneration.from_pretrained(
+            tmp_path / "model", distributed_config=DistributedConfig(pp_size=2)
+        )

@@ -327,6 +327,7 @@ class Llama4XPreTrainedModel(PreTrainedModel):
     _supports_flash_attn = False  # chunked attention needs a mask flash-attn cannot express
     _supports_attention_backend = True
     _can_compile_fullgraph = True
+    _supports_pipeline_stages = True  # transformers' pipeline parallelism (`pp_size`), which needs `base_model.layers`
     # The balancing bias moves in steps of ~1e-3 that bfloat16 cannot represent around its typical values.
     _keep_in_fp32_modules_strict = ["e_score_correction_bias"]
     _can_record_outputs = {
@@ -361,6 +362,13 @@ class Llama4XPreTrainedModel(PreTrainedModel):
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
         """transformers' `from_pretrained`, reading safetensors only unless `use_safetensors=False` is passed (pickled
         weights can run code), after checking a local folder's shards (a truncated or missing file is named)."""
+        stages = getattr(kwargs.get("distributed_config"), "pp_size", None) or 1
+        if stages > 1 and not cls._supports_pipeline_stages:
+            raise ValueError(
+                f"`DistributedConfig(pp_size={stages})`: transformers' pipeline splits a decoder's `layers`, and "
+                f"{cls.__name__} keeps its decoder behind the vision front-end. Load the text model "
+                "(`Llama4XForCausalLM`) for pipeline stages, or split this one with `tp_size` / `ep_size`."
+            )
         safetensors_only = kwargs.get("use_safetensors") is not False
         if pretrained_model_name_or_path is not None:  # None: the weights come as `state_dict=`
             folder = Path(pretrained_model_name_or_path, kwargs.get("subfolder") or "")

@@ -76,6 +76,7 @@ class Llama4XMultimodalPreTrainedModel(Llama4XPreTrainedModel):
     config: Llama4XConfig
     input_modalities = ("image", "text")
     _no_split_modules = ["Llama4XDecoderLayer", "Llama4XVisionEncoderLayer"]
+    _supports_pipeline_stages = False  # the decoder's layers sit in `language_model`, behind the vision front-end
 
     def _init_weights(self, module: nn.Module) -> None:
         # The text and vision sub-models are `PreTrainedModel`s that initialise their own modules with their own
