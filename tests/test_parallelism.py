@@ -10,7 +10,7 @@
   cached greedy tokens: the second stage's caches for the first stage's layers stay empty, so its positions and
   chunked masks must come from the layers it runs."""
 
-import importlib
+import importlib.util
 import os
 import subprocess
 import sys
@@ -25,11 +25,7 @@ from tiny import tiny_model
 
 
 def has_module(name: str) -> bool:
-    try:
-        importlib.import_module(name)
-    except ImportError:
-        return False
-    return True
+    return importlib.util.find_spec(name) is not None
 
 
 def run_on_two_processes(tmp_path: Path, implementation: str, split: str) -> dict:
