@@ -2,7 +2,8 @@
 # The GPU work still open, in two parts that each fit one 10-minute call on a lent GPU machine, the most telling
 # first (a session has 15 minutes of device time in all):
 #   part 1: CUDA correctness (parity, experts kernels, cache, compiled decode, activation LoRA vs PEFT); the Scout
-#     and the fine-grained MoE layers (Scout with torch.profiler op tables of llama4x and the dense block) and their
+#     and the fine-grained MoE layers (torch.profiler op tables of llama4x and the dense block; the host time of each
+#     call beside its CUDA time: is the fine-grained layer host-bound?) and their
 #     grouped GEMMs against dense GEMMs of the same FLOPs, in both weight layouts; eager-decode host overhead; the
 #     eager whole-model training step;
 #   part 2: eager decode, compiled (static cache) decode against the compiled dense Llama, the training step compiled
@@ -28,7 +29,7 @@ if [[ "$PART" == 1 ]]; then
     run python -m llama4x.cli bench grouped-gemm --device cuda --hidden 5120 --expert-size 8192 --experts 16 \
         --top-k 1 --tokens 8192 --out "$OUT/grouped_gemm_scout" > "$OUT/grouped_gemm_scout.log"
     run python -m llama4x.cli bench moe-layer --device cuda --hidden 2048 --expert-size 1024 --experts 64 --top-k 2 \
-        --tokens 8192 --out "$OUT/moe_layer_fine" > "$OUT/moe_layer_fine.log"
+        --tokens 8192 --profile --out "$OUT/moe_layer_fine" > "$OUT/moe_layer_fine.log"
     run python -m llama4x.cli bench grouped-gemm --device cuda --hidden 2048 --expert-size 1024 --experts 64 \
         --top-k 2 --tokens 8192 --out "$OUT/grouped_gemm_fine" > "$OUT/grouped_gemm_fine.log"
     run python -m llama4x.cli bench decode-overhead --device cuda --out "$OUT" > "$OUT/decode_overhead.log"

@@ -79,18 +79,24 @@ class Shapes:
 
 @dataclass
 class Timer:
-    """Median wall time of a callable, synchronising CUDA around it."""
+    """Median wall time of a callable, synchronising CUDA around it.
+
+    On CUDA it also records the host time of each call (`host_samples`): how long the host took to queue the call's
+    kernels. A host time close to the device time means the host set the pace, not the GPU."""
 
     device: torch.device
     repeats: int = 5
     warmup: int = 1
     samples: dict[str, list[float]] = field(default_factory=dict)
+    host_samples: dict[str, list[float]] = field(default_factory=dict)
 
     def measure(self, name: str, fn: Callable[[], object]) -> None:
         if self.device.type == "cuda":
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
+            host_start = time.perf_counter()
             fn()
+            self.host_samples.setdefault(name, []).append(time.perf_counter() - host_start)
             end.record()
             torch.cuda.synchronize()
             seconds = start.elapsed_time(end) / 1000
@@ -99,6 +105,15 @@ class Timer:
             fn()
             seconds = time.perf_counter() - start_time
         self.samples.setdefault(name, []).append(seconds)
+
+    def host_medians(self, desc: str) -> dict[str, float]:
+        """Median host times of the calls `run_interleaved(..., desc)` timed on CUDA (empty elsewhere)."""
+        prefix = f"{desc}/"
+        return {
+            name.removeprefix(prefix): statistics.median(seconds)
+            for name, seconds in self.host_samples.items()
+            if name.startswith(prefix)
+        }
 
     def run_interleaved(self, fns: dict[str, Callable[[], object]], desc: str) -> dict[str, float]:
         """Warm each up, then time them in turn `repeats` times; medians in seconds."""
@@ -216,6 +231,9 @@ def bench_moe_layer(
         "forward_achieved": achieved(flops, fwd, peak),
         "forward_backward_achieved": achieved({n: 3 * f for n, f in flops.items()}, fwd_bwd, peak),
     }
+    if device.type == "cuda":  # how long the host took to queue the kernels: close to the times above = host-bound
+        results["forward_host_s"] = timer.host_medians("moe_layer_fwd")
+        results["forward_backward_host_s"] = timer.host_medians("moe_layer_fwd_bwd")
     if profile:
         results["profile"] = {
             n: op_table(lambda b=blocks[n]: forward_backward(b), device) for n in ("llama4x", "dense_llama")
