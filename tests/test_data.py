@@ -144,23 +144,3 @@ def test_parity_records_ask_the_parity_question_and_keep_the_image():
     assert all(r["question"] == PARITY_QUESTION and r["image"] == "img" for r in asked)
     assert records[1]["answer"] == "7", "the input records are left unchanged"
 
-
-def test_open_image_names_missing_corrupt_non_image_and_oversized_files(tmp_path):
-    from PIL import Image
-
-    from llama4x.data import open_image
-
-    good = tmp_path / "good.png"
-    Image.effect_noise((30, 20), 64).save(good)  # noise: does not compress to a few bytes
-    assert open_image(good, max_pixels=600).mode == "RGB"
-    with pytest.raises(ValueError, match=r"30x20 = 600 pixels, over max_image_pixels=599"):
-        open_image(good, max_pixels=599)
-    truncated = tmp_path / "truncated.png"
-    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
-    text = tmp_path / "notes.png"
-    text.write_text("hello")
-    for path in (truncated, text):
-        with pytest.raises(ValueError, match=f"Cannot read .*{path.name} as an image"):
-            open_image(path, max_pixels=0)
-    with pytest.raises(ValueError, match="absent.png does not exist"):
-        open_image(tmp_path / "absent.png", max_pixels=0)

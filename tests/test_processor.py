@@ -134,7 +134,8 @@ def test_text_only_and_images_only_calls(processor, tokenizer):
         (["a", 3], None, "must be a str or a list of str"),
         ([], None, r"`text` is an empty list"),
         ([], [image(5, 5)], r"`text` is an empty list"),
-        ("<|image|>", ["not an image"], "got str"),
+        ("<|image|>", ["not an image"], "Image file not an image does not exist"),
+        ("<|image|>", [3], "got int"),
     ],
 )
 def test_placeholder_image_mismatches_raise(processor, text, images, message):
@@ -222,6 +223,17 @@ def test_chat_template_tokenizes_with_images(processor):
     assert torch.equal(out["input_ids"], direct["input_ids"])
     assert torch.equal(out["pixel_values"], direct["pixel_values"])
     assert out["input_ids"][0].tolist().count(processor.tokenizer.bos_token_id) == 1
+
+
+@pytest.mark.parametrize("key", ["path", "url", "image"])
+def test_chat_template_opens_images_named_by_path(processor, tmp_path, key):
+    path = tmp_path / "photo.png"
+    image(100, 200).save(path)
+    content = [{"type": "image", key: str(path)}, {"type": "text", "text": "?"}]
+    out = processor.apply_chat_template(
+        [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=True, return_dict=True
+    )
+    assert np.array_equal(out["pixel_values"], processor.image_processor(image(100, 200))["pixel_values"])
 
 
 def test_assistant_tokens_mask_marks_the_answer_and_eot(processor):

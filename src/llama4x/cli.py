@@ -156,7 +156,8 @@ def _answer_about_images(model, model_dir: Path, args: argparse.Namespace, sampl
     from transformers import AutoProcessor
 
     from .configuration_llama4x import Llama4XConfig
-    from .data import image_question_prompt, open_image
+    from .data import image_question_prompt
+    from .image_sources import open_image
     from .processing_llama4x import Llama4XProcessor
     from .tokenization import EOT_TOKEN
 

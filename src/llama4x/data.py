@@ -13,14 +13,12 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from .tokenization import EOT_TOKEN
 
 if TYPE_CHECKING:
     import torch
-    from PIL import Image
 
     from .processing_llama4x import Llama4XProcessor
 
@@ -193,26 +191,6 @@ def digits_vqa(image_size: int = 32, test_fraction: float = 0.2) -> tuple[list[d
     ]
     n_test = round(len(records) * test_fraction)
     return records[: len(records) - n_test], records[len(records) - n_test :]
-
-
-def open_image(path: str | Path, max_pixels: int) -> Image.Image:
-    """Decode the image file `path` to RGB; a `ValueError` naming the file if it is missing, not an image, corrupt,
-    or has more than `max_pixels` pixels (checked from the header, before decoding: decompression bombs)."""
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as image:
-            width, height = image.size
-            if max_pixels and width * height > max_pixels:
-                raise ValueError(
-                    f"Image {path} has {width}x{height} = {width * height} pixels, over max_image_pixels={max_pixels} "
-                    "(a guard against decompression bombs)."
-                )
-            return image.convert("RGB")
-    except FileNotFoundError as error:
-        raise ValueError(f"Image file {path} does not exist.") from error
-    except (UnidentifiedImageError, OSError, SyntaxError) as error:  # PIL's errors for unreadable or truncated data
-        raise ValueError(f"Cannot read {path} as an image ({error}).") from error
 
 
 def parity(answer: str) -> str:

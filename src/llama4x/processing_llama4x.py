@@ -2,7 +2,8 @@
 
 `Llama4XImageProcessor` turns images into tiles:
 
-1. RGB: PIL images of any mode, numpy / torch arrays `(H, W)`, `(H, W, C)` or `(C, H, W)` with C in {1, 3, 4}.
+1. RGB: PIL images of any mode, numpy / torch arrays `(H, W)`, `(H, W, C)` or `(C, H, W)` with C in {1, 3, 4}, or
+   image sources (a file path, an http(s) URL, base64 text: opened upright by `image_sources.open_image`).
    Transparent images (an alpha band, a palette or tRNS transparent colour, 4-channel arrays) are composited on a
    white background, as transformers' `convert_to_rgb` does. Integer arrays hold 0..255; float arrays hold [0, 1].
 2. Best fit (Llama 4): the canvases are the `rows x cols` grids of `size`-pixel tiles with `rows * cols <=
@@ -40,6 +41,7 @@ from transformers.image_utils import ChannelDimension, PILImageResampling
 from transformers.processing_utils import ImagesKwargs, ProcessorMixin
 from transformers.utils import is_torch_tensor
 
+from .image_sources import is_image_source, open_image
 from .tokenization import CHAT_TEMPLATE, special_token_ids
 
 # PIL modes that carry integer or float samples outside 0..255: read as arrays, with the array range rules.
@@ -152,15 +154,16 @@ def _describe(obj: Any) -> str:
 
 
 def flatten_images(images: Any) -> list[Any]:
-    """Flatten an image, a batch array `(N, ...)` or (nested) lists of them into a list of single images.
+    """Flatten an image, a batch array `(N, ...)` or (nested) lists of them into a list of single images. An image may
+    also be named by its source (a path, URL or base64 text, see `image_sources.py`), opened when it is converted.
 
     Raises:
-        ValueError: for anything that is not a PIL image, a numpy array or a torch tensor, or for an empty input.
+        ValueError: for anything that is not an image or an image source, or for an empty input.
     """
     flat: list[Any] = []
 
     def visit(item: Any) -> None:
-        if isinstance(item, Image.Image):
+        if isinstance(item, Image.Image) or is_image_source(item):
             flat.append(item)
         elif _is_array(item):
             if item.ndim in (2, 3):
@@ -177,8 +180,8 @@ def flatten_images(images: Any) -> list[Any]:
                 visit(sub)
         else:
             raise ValueError(
-                f"Images must be PIL images, numpy arrays or torch tensors, or (nested) lists of them; got "
-                f"{_describe(item)}."
+                f"Images must be PIL images, numpy arrays, torch tensors or image sources (a path, URL or base64 "
+                f"text), or (nested) lists of them; got {_describe(item)}."
             )
 
     visit(images)
@@ -265,11 +268,15 @@ def _array_to_rgb(array: np.ndarray, input_data_format: Any, max_image_pixels: i
 def to_rgb_array(
     image: Any, input_data_format: Any = None, max_image_pixels: int = 0, convert_rgb: bool = True
 ) -> np.ndarray:
-    """Convert one image to an `(H, W, 3)` array: uint8, or float32 on the 0..255 scale for float inputs.
+    """Convert one image (or image source) to an `(H, W, 3)` array: uint8, or float32 on the 0..255 scale for float
+    inputs.
 
     Raises:
-        ValueError: for zero-size or too large images, wrong channel counts, out-of-range or non-finite values.
+        ValueError: for zero-size or too large images, wrong channel counts, out-of-range or non-finite values,
+            unreadable image sources.
     """
+    if is_image_source(image):
+        image = open_image(image, max_image_pixels)
     if isinstance(image, Image.Image):
         width, height = image.size  # known before the pixels are decoded
         _check_size(height, width, max_image_pixels)
@@ -388,7 +395,7 @@ class Llama4XImageProcessor(PilBackend):
             self._check_normalization(kwargs.get("image_mean"), kwargs.get("image_std"))
 
     def _prepare_images_structure(self, images: Any, expected_ndims: int = 3) -> list[Any]:
-        # Our own flattening: clear errors for non-images, and no fetching of URLs (no network at run time).
+        # Our own flattening: clear errors for non-images; image sources are opened one at a time, when converted.
         return flatten_images(images)
 
     def process_image(

@@ -49,7 +49,8 @@ from transformers import HfArgumentParser, PreTrainedTokenizerBase, Trainer, Tra
 from transformers.utils import logging
 
 from .checkpoints import last_complete_checkpoint, verify_trainer_checkpoint
-from .data import IGNORE_INDEX, open_image, pack_token_ids, python_docs_split, python_docs_texts
+from .data import IGNORE_INDEX, pack_token_ids, python_docs_split, python_docs_texts
+from .image_sources import open_image
 from .monitoring import RoutingStatsCallback, find_text_model
 from .tokenization import CHAT_TEMPLATE
 
