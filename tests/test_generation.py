@@ -54,6 +54,25 @@ def test_left_padded_row_generates_like_the_prompt_alone():
     assert torch.equal(batched.sequences[1, 30:], alone.sequences[0, 25:])
 
 
+@pytest.mark.parametrize("overrides", [{}, {"use_scalable_softmax": True, "attn_temperature_tuning": False}])
+@pytest.mark.parametrize("padding_positions", ["cumsum", "shifted"])
+def test_negative_position_ids_on_padding_leave_the_real_tokens_as_alone(overrides, padding_positions):
+    """Users build position ids from the mask: padding gets -1 (`cumsum - 1`) or counts down below 0 (`arange` shifted
+    by the padding). Temperature tuning's log1p and Scalable-Softmax's log(keys seen) must not turn those into NaN."""
+    model = tiny_model(**overrides)
+    input_ids, attention_mask = _left_padded_batch()
+    if padding_positions == "cumsum":
+        position_ids = attention_mask.cumsum(-1) - 1
+    else:
+        position_ids = torch.arange(input_ids.shape[1]) - (attention_mask == 0).sum(-1, keepdim=True)
+    assert position_ids[1, :5].lt(0).all()
+    with torch.no_grad():
+        batched = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).logits
+        alone = model(input_ids=input_ids[1:, 5:]).logits
+    assert torch.isfinite(batched).all()
+    torch.testing.assert_close(batched[1, 5:], alone[0], atol=1e-5, rtol=1e-5)
+
+
 def test_chunked_layers_cache_at_most_one_chunk():
     model = tiny_model()
     input_ids = random_ids(1, 5 * CHUNK + 3)

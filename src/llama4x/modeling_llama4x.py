@@ -181,9 +181,15 @@ class Llama4XAttention(nn.Module):
             self.ssmax_scale = nn.Parameter(torch.full((self.num_heads,), config.scalable_softmax_init))
 
     def query_scale(self, position_ids: torch.Tensor) -> torch.Tensor | None:
-        """Per-query (and per-head for SSMax) multiplier of the attention logits, `(B, S, nH or 1, 1)`, or None."""
+        """Per-query (and per-head for SSMax) multiplier of the attention logits, `(B, S, nH or 1, 1)`, or None.
+        Padding may carry negative positions (`attention_mask.cumsum(-1) - 1`): it is scaled as position 0, since an
+        infinite scale there would make its keys and values NaN, and NaN survives the mask into the real tokens."""
+        tuned = self.config.attn_temperature_tuning and not self.use_rope
+        if not (tuned or self.config.use_scalable_softmax):
+            return None
+        position_ids = position_ids.clamp_min(0)
         scale = None
-        if self.config.attn_temperature_tuning and not self.use_rope:
+        if tuned:
             floor = torch.floor((position_ids.float() + 1.0) / self.config.floor_scale)
             scale = (1.0 + self.config.attn_scale * torch.log1p(floor))[..., None, None]
         if self.config.use_scalable_softmax:
