@@ -320,6 +320,38 @@ def test_save_pretrained_round_trips_through_auto_model_for_image_text_to_text(t
         assert diff < 1e-6, f"{name}: max diff {diff}"
 
 
+def test_image_text_to_text_pipeline_answers_a_batch_as_each_prompt_alone(tmp_path):
+    """llama4x's tokenizers pad on the left, so a batch of prompts generates as each does alone (right padding,
+    transformers' default, does not: the shorter prompt would continue after its padding)."""
+    from PIL import Image
+    from transformers import pipeline
+
+    from llama4x import Llama4XImageProcessor, Llama4XProcessor
+    from llama4x.data import python_docs_texts
+    from llama4x.tokenization import train_tokenizer
+
+    tokenizer = train_tokenizer(python_docs_texts()[:5], vocab_size=400)
+    processor = Llama4XProcessor(Llama4XImageProcessor(size=32), tokenizer, patch_size=8, pixel_shuffle_ratio=0.5)
+    ids = {name: getattr(tokenizer, name) for name in ("pad_token_id", "bos_token_id", "eos_token_id")}
+    config = tiny_multimodal_config(vocab_size=len(tokenizer), **ids)
+    for name, token in (
+        ("image_token_id", "<|patch|>"),
+        ("boi_token_id", "<|image_start|>"),
+        ("eoi_token_id", "<|image_end|>"),
+    ):
+        setattr(config, name, tokenizer.convert_tokens_to_ids(token))
+    torch.manual_seed(0)
+    Llama4XForConditionalGeneration(config).save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    pipe = pipeline("image-text-to-text", model=str(tmp_path))
+    images = [[Image.new("RGB", (40, 30), (200, 30, 30))], [Image.new("RGB", (20, 70), (30, 30, 200))] * 2]
+    texts = ["<|image|> what", "<|image|><|image|> two and more words here"]
+    kwargs = {"generate_kwargs": {"max_new_tokens": 6, "do_sample": False}, "return_full_text": False}
+    alone = [pipe(images=i, text=t, **kwargs)[0]["generated_text"] for t, i in zip(texts, images)]
+    batched = pipe(images=images, text=texts, batch_size=2, **kwargs)
+    assert [answer["generated_text"] for answer in batched] == alone
+
+
 def test_saved_folder_loads_with_trust_remote_code_without_llama4x(tmp_path):
     model = tiny_multimodal_model()
     input_ids, pixel_values = one_image_prompt(model)

@@ -63,11 +63,11 @@ def test_save_and_reload_with_auto_tokenizer_keeps_behaviour(tokenizer, tmp_path
     assert special_token_ids(reloaded) == special_token_ids(tokenizer)
 
 
-def test_padding_uses_the_pad_token(tokenizer):
+def test_padding_goes_on_the_left_with_the_pad_token(tokenizer):
     batch = tokenizer(["a", "a b c d"], padding=True)
     short, long = batch["input_ids"]
     assert len(short) == len(long)
-    assert short[-1] == tokenizer.pad_token_id and batch["attention_mask"][0][-1] == 0
+    assert short[0] == tokenizer.pad_token_id and batch["attention_mask"][0][0] == 0
 
 
 CONVERSATIONS = [

@@ -94,7 +94,7 @@ def train_tokenizer(
 
     Returns:
         The tokenizer, with `bos_token`, `eos_token` and `pad_token` set, the other `SPECIAL_TOKENS` registered
-        as extra special tokens and `CHAT_TEMPLATE` as its chat template. See the module docstring for the BOS
+        as extra special tokens, `CHAT_TEMPLATE` as its chat template and left padding (for generation). See the module docstring for the BOS
         convention.
 
     Raises:
@@ -150,6 +150,7 @@ def train_tokenizer(
         extra_special_tokens=[t for t in SPECIAL_TOKENS if t not in (BOS_TOKEN, EOS_TOKEN, PAD_TOKEN)],
         clean_up_tokenization_spaces=False,
         chat_template=CHAT_TEMPLATE,
+        padding_side="left",  # batched prompts generate as they do alone (pipelines too); collators pad explicitly
         **kwargs,
     )
 
