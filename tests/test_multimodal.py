@@ -131,6 +131,12 @@ def test_inconsistent_image_inputs_raise_value_error(row, pixel_values, message)
         model(input_ids=torch.tensor([row]), pixel_values=pixel_values)
 
 
+def test_a_tile_split_across_rows_raises_value_error():
+    rows = [text(1, 0) + [IMAGE_ID] * 6, text(5, 1) + [IMAGE_ID] * 2]  # 8 tokens: the count of 2 tiles, split 6 + 2
+    with pytest.raises(ValueError, match=r"Image tokens per row of `input_ids`: \[6, 2\], not all whole tiles of 4"):
+        tiny_multimodal_model()(input_ids=torch.tensor(rows), pixel_values=tiles(2, 0))
+
+
 def test_pixel_values_with_inputs_embeds_raise_value_error():
     model = tiny_multimodal_model()
     with pytest.raises(ValueError, match=re.escape("`pixel_values` need `input_ids`")):

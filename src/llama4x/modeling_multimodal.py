@@ -120,7 +120,8 @@ class Llama4XModel(Llama4XMultimodalPreTrainedModel):
         self, input_ids: torch.LongTensor, pixel_values: torch.Tensor | None, cache: Cache | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Token embeddings `(B, S, H)` with the image features scattered into the `image_token_id` positions, and the
-        image features `(N, T, H)` (None without images). The placeholder count must equal `N * T`.
+        image features `(N, T, H)` (None without images). The placeholder count must equal `N * T`, in whole tiles of
+        `T` per row.
 
         Without `pixel_values`, image tokens are an error, except in decoding steps (the cache already holds tokens):
         an image token the model generated has no image behind it and is embedded like any token.
@@ -166,6 +167,14 @@ class Llama4XModel(Llama4XMultimodalPreTrainedModel):
             lambda: (
                 f"{where()} {int(num_placeholders)} image tokens (image_token_id={image_token_id}) "
                 f"but `pixel_values` give {num_features} image features ({num_tiles} x {tokens_per_tile} per tile)."
+            ),
+        )
+        per_row = image_mask.sum(-1)  # (B,)
+        torch_compilable_check(
+            (per_row % tokens_per_tile == 0).all(),
+            lambda: (
+                f"Image tokens per row of `input_ids`: {per_row.tolist()}, not all whole tiles of {tokens_per_tile} "
+                f"(image_token_id={image_token_id}): each tile's features must stay in one row."
             ),
         )
         image_features = self._project_images(pixel_values)  # (N, T, H)
