@@ -8,6 +8,7 @@ from peft import PeftModel, get_peft_model
 from peft.tuners.lora import LoraLayer
 
 from llama4x import lora_config
+from llama4x.moe import Llama4XMoE
 from tiny import random_ids, tiny_model
 
 IMPLEMENTATIONS = ["eager", "grouped_mm", "batched_mm"]
@@ -151,6 +152,49 @@ def test_adapter_save_load_gives_identical_logits(tmp_path):
     with torch.no_grad():
         diff = (loaded(ids).logits - expected).abs().max().item()
     assert diff == 0.0, f"reloaded adapter: max diff {diff}"
+
+
+def balancing_biases(model) -> list[torch.Tensor]:
+    return [m.e_score_correction_bias for m in model.modules() if isinstance(m, Llama4XMoE)]
+
+
+@pytest.mark.parametrize("parts", [("attention", "routed_experts"), ("attention", "router")])
+def test_lora_training_leaves_the_balancing_biases_and_the_saved_adapter_reproduces_it(tmp_path, parts):
+    """The loss-free balancing biases are base-model buffers an adapter cannot save: under LoRA (PEFT's own
+    `get_peft_model`, no llama4x helper) they stay where they were, so save -> load gives the trained model back."""
+    rate = {"router_bias_update_rate": 0.01}
+    peft_model = lora_model(parts, **rate).train()
+    biases = [b.clone() for b in balancing_biases(peft_model)]
+    optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-2)
+    for step in range(3):
+        ids = random_ids(2, 16, seed=step)
+        peft_model(ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    for before, after in zip(biases, balancing_biases(peft_model)):
+        assert torch.equal(before, after)
+    ids = random_ids(2, 16, seed=9)
+    with torch.no_grad():
+        expected = peft_model.eval()(ids).logits
+    peft_model.save_pretrained(tmp_path)
+    base = tiny_model(seed=0, **MIXED, **rate)
+    base.set_experts_implementation("eager")  # as lora_model's
+    with torch.no_grad():
+        assert torch.equal(PeftModel.from_pretrained(base, tmp_path).eval()(ids).logits, expected)
+
+
+def test_full_fine_tuning_moves_the_balancing_biases():
+    """The control of the test above: with the routers training, one step moves the biases by +-rate (0 for an
+    expert loaded exactly at the mean)."""
+    model = tiny_model(router_bias_update_rate=0.01).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    biases = [b.clone() for b in balancing_biases(model)]
+    ids = random_ids(2, 16)
+    model(ids, labels=ids).loss.backward()
+    optimizer.step()
+    for before, after in zip(biases, balancing_biases(model)):
+        moved = (after - before).abs()
+        assert moved.eq(0.01).any() and (moved.eq(0.01) | moved.eq(0.0)).all()
 
 
 def test_invalid_lora_arguments_name_the_field():

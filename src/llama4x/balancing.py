@@ -129,8 +129,8 @@ _hook_handle = None
 
 
 def watch_for_bias_updates(model: torch.nn.Module) -> None:
-    """After each optimizer step over `model`'s parameters, call `model.apply_balancing_bias_update()` when its
-    config has a bias update rate and training forward passes have counted expert loads."""
+    """After each optimizer step over `model`'s routers, call `model.apply_balancing_bias_update()` when its config
+    has a bias update rate and training forward passes have counted expert loads."""
     global _hook_handle
     _balanced_models.add(model)
     if _hook_handle is None:
@@ -145,5 +145,11 @@ def _after_optimizer_step(optimizer: torch.optim.Optimizer, args, kwargs) -> Non
         return
     stepped = {id(p) for group in optimizer.param_groups for p in group["params"]}
     for model in waiting:
-        if any(id(p) in stepped for p in model.parameters()):
+        if not any(id(p) in stepped for p in model.parameters()):
+            continue  # an optimizer of another model
+        # The biases move with the routing: only while the routers' own weights train. Under LoRA (PEFT) the base
+        # routers are frozen, and an adapter could not save the biases anyway.
+        if any(id(weight) in stepped for weight in model.router_weights()):
             model.apply_balancing_bias_update()
+        else:
+            model.drop_pending_loads()

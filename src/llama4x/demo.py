@@ -677,15 +677,12 @@ def stage_lora(run: DemoRun) -> dict[str, Any]:
     from transformers import set_seed
 
     from .lora import lora_config, lora_targets
-    from .monitoring import find_text_model
 
     s = run.settings
     teacher, processor = run.teacher()
     digits_train, digits_test = run.data.digits
     train, test = parity_records(digits_train), parity_records(digits_test)
     before = answer_questions(teacher, processor, test, verbose=run.verbose)
-    # The balancing biases are buffers of the frozen base model, which an adapter does not save: keep them fixed.
-    find_text_model(teacher).config.router_bias_update_rate = 0.0
     set_seed(s.seed)
     parts = [part for part, found in lora_targets(teacher).items() if found]  # every part this model has
     # The LM head is trained in full too: "even" and "odd" were rare words in the text, and a frozen head caps their

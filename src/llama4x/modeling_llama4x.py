@@ -35,7 +35,7 @@ from .balancing import (
 from .checkpoints import refuse_pickle_weights, save_staged, verify_safetensors_folder
 from .chunked_attention import BlockwiseChunks, blockwise_chunks_for, refuse_packed_sequences
 from .configuration_llama4x import Llama4XTextConfig
-from .moe import Llama4XExperts, Llama4XMLP, Llama4XMoE
+from .moe import Llama4XExperts, Llama4XMLP, Llama4XMoE, Llama4XRouter
 from .validation import check_text_inputs
 
 logger = logging.get_logger(__name__)
@@ -431,6 +431,10 @@ class Llama4XTextModel(Llama4XPreTrainedModel):
     def moe_blocks(self) -> list[Llama4XMoE]:
         return [layer.feed_forward for layer in self.layers if layer.is_moe_layer]
 
+    def router_weights(self) -> list[nn.Parameter]:
+        """The routers' own weights; none of a router that PEFT replaced by a trained copy (`modules_to_save`)."""
+        return [block.router.weight for block in self.moe_blocks if isinstance(block.router, Llama4XRouter)]
+
     @merge_with_config_defaults
     @capture_outputs
     def forward(
@@ -584,6 +588,11 @@ class Llama4XTextModel(Llama4XPreTrainedModel):
         for block, load_E in zip(self.moe_blocks, load_LE):
             update_balancing_bias(block.e_score_correction_bias, load_E, self.config.router_bias_update_rate)
         pending_LE.zero_()
+
+    def drop_pending_loads(self) -> None:
+        """Forget the loads counted since the last bias update (an optimizer step that left the routers frozen)."""
+        if self._expert_load_totals is not None:
+            self._expert_load_totals[0].zero_()
 
     def pop_expert_load(self) -> torch.Tensor | None:
         """Tokens per expert `(num_moe_layers, E)` over the training forward passes since the last call."""

@@ -492,10 +492,7 @@ def apply_lora(model, lora_args: LoraArguments):
     parts = tuple(part.strip() for part in lora_args.lora_parts.split(",") if part.strip())
     text_model = find_text_model(model)
     if text_model is not None and text_model.config.router_bias_update_rate > 0:
-        # The biases are base-model buffers, which an adapter does not save: updating them would make the adapter
-        # depend on state it cannot restore. LoRA keeps the whole base frozen, the routing biases included.
-        logger.warning("LoRA: the loss-free balancing biases stay fixed (router_bias_update_rate set to 0).")
-        text_model.config.router_bias_update_rate = 0.0
+        logger.warning("LoRA: the base routers are frozen, so the loss-free balancing biases stay fixed.")
     config = lora_config(
         model, parts=parts, r=lora_args.lora_r, alpha=lora_args.lora_alpha, dropout=lora_args.lora_dropout
     )
