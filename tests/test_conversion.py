@@ -201,9 +201,11 @@ def test_checkpoint_conversion_refuses_bad_folders(tmp_path):
 def test_overwrite_never_deletes_an_input_inside_the_output_folder(tmp_path):
     reference, _ = converted_pair()
     reference.save_pretrained(tmp_path / "runs" / "llama4")
-    with pytest.raises(ValueError, match="must not be the input folder, inside it or contain it"):
+    with pytest.raises(ValueError, match="must not be the input folder .*llama4 or contain it"):
         convert_checkpoint(tmp_path / "runs" / "llama4", tmp_path / "runs", overwrite=True)
     assert (tmp_path / "runs" / "llama4" / "model.safetensors").is_file()
+    with pytest.raises(ValueError, match="must not lie inside the input folder"):
+        convert_checkpoint(tmp_path / "runs" / "llama4", tmp_path / "runs" / "llama4" / "x", overwrite=True)
 
 
 def test_failed_conversion_leaves_no_output(tmp_path):

@@ -610,6 +610,16 @@ def test_calibration_stops_where_the_rows_run_out_and_a_negative_count_is_refuse
         distill(text_teacher_dir, tmp_path / "out", calibration_batches=-1)
 
 
+def test_distill_refuses_an_out_folder_that_is_or_holds_the_teacher(text_teacher_dir):
+    from llama4x.distillation import distill
+
+    before = {f.name: f.read_bytes() for f in text_teacher_dir.iterdir() if f.is_file()}
+    for out in (text_teacher_dir, text_teacher_dir.parent):
+        with pytest.raises(ValueError, match="--out .* must not be the --teacher folder .* or contain it"):
+            distill(text_teacher_dir, out, steps=1)
+    assert {f.name: f.read_bytes() for f in text_teacher_dir.iterdir() if f.is_file()} == before
+
+
 def test_distill_passes_callbacks_to_the_trainer_of_each_student(text_teacher_dir, tmp_path):
     from transformers import TrainerCallback
 

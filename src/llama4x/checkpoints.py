@@ -53,6 +53,18 @@ def verify_safetensors_folder(folder: str | Path) -> None:
             ) from error
 
 
+def refuse_output_over_input(
+    output_dir: str | Path, input_dir: str | Path, names: tuple[str, str], inside_ok: bool = False
+) -> None:
+    """Raise `ValueError` if the output folder is the input folder or contains it (or lies inside it, unless
+    `inside_ok`): writing or replacing it could destroy the input. `names`: how to call the two folders."""
+    output_path, input_path = Path(output_dir).resolve(), Path(input_dir).resolve()
+    if output_path == input_path or output_path in input_path.parents:
+        raise ValueError(f"{names[0]} {output_dir} must not be {names[1]} {input_dir} or contain it.")
+    if not inside_ok and input_path in output_path.parents:
+        raise ValueError(f"{names[0]} {output_dir} must not lie inside {names[1]} {input_dir}.")
+
+
 def weight_patterns(variant: str | None) -> tuple[str, ...]:
     """Glob patterns of the weight files `save_pretrained(variant=variant)` writes (one file, or shards and their
     index); other variants' files, which a folder may hold beside them, do not match."""

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from transformers import Llama4Config, Llama4TextConfig, Llama4VisionConfig
 from transformers.dynamic_module_utils import custom_object_save
 
+from .checkpoints import refuse_output_over_input
 from .configuration_llama4x import Llama4XConfig, Llama4XTextConfig, Llama4XVisionConfig
 
 # Fields with the same name and meaning in both text configs.
@@ -278,10 +279,7 @@ def _check_folders(input_dir: Path, output_dir: Path, overwrite: bool) -> dict:
             f"{input_dir} holds a {config.get('model_type')!r} checkpoint; expected one of model_type "
             f"{sorted(SOURCE_KINDS)}."
         )
-    input_path, output_path = input_dir.resolve(), output_dir.resolve()
-    if output_path == input_path or input_path in output_path.parents or output_path in input_path.parents:
-        # Replacing an output folder that holds the input would delete the input.
-        raise ValueError(f"The output folder {output_dir} must not be the input folder, inside it or contain it.")
+    refuse_output_over_input(output_dir, input_dir, names=("The output folder", "the input folder"))
     if output_dir.exists() and any(output_dir.iterdir()) and not overwrite:
         raise ValueError(f"The output folder {output_dir} exists and is not empty; pass overwrite=True to replace it.")
     return config

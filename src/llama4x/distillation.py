@@ -35,6 +35,7 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments, default_data_collator, set_seed
 from transformers.utils import logging
 
+from .checkpoints import refuse_output_over_input
 from .data import DOCS_EVAL_FRACTION, lm_rows, python_docs_split
 from .distillation_cache import (
     CACHE_DTYPES,
@@ -439,6 +440,7 @@ def distill(
     """
     dargs = distillation_args or DistillationArguments()
     out = Path(out)
+    refuse_output_over_input(out, teacher, names=("--out", "the --teacher folder"), inside_ok=True)
     if dargs.offline and dargs.cache_dir is None:
         dargs = dataclasses.replace(dargs, cache_dir=str(out / "teacher_cache"))
     if student_kind not in STUDENT_KINDS:
