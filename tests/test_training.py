@@ -324,3 +324,64 @@ def test_evaluation_predictions_are_the_logits_without_cache_or_image_features(m
     assert torch.isfinite(loss)
     assert isinstance(predictions, torch.Tensor), [type(p).__name__ for p in predictions]  # not a tuple of outputs
     assert predictions.shape == (*ids.shape, model.config.get_text_config().vocab_size)
+
+
+def test_bad_sources_are_named_before_any_work(checkpoint, text_file, tmp_path):
+    """Each message names the flag and the real problem; nothing is written to --output-dir."""
+    out = tmp_path / "out"
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+    no_tokenizer = tmp_path / "bare"
+    no_tokenizer.mkdir()
+    (no_tokenizer / "config.json").write_text((checkpoint / "config.json").read_text())
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "broken.jsonl").write_text("not json\n")
+    cases = [
+        ({"model": tmp_path / "absent"}, r"--model '.*absent' is not a directory"),
+        ({"tokenizer": tmp_path / "absent"}, r"--tokenizer '.*absent' is not a directory"),
+        ({"model": no_tokenizer}, r"--model '.*bare' has no tokenizer"),
+        ({"model": adapter}, r"--model '.*adapter' holds a LoRA adapter, not a model"),
+        ({"resume_from_checkpoint": tmp_path / "absent"}, r"Cannot resume from .*absent: no such folder"),
+        ({"dataset": tmp_path / "empty.txt"}, r"--dataset '.*empty.txt' is empty"),
+        ({"dataset": tmp_path / "broken.jsonl"}, r"--dataset '.*broken.jsonl' cannot be read as .jsonl data"),
+        ({"eval_dataset": tmp_path / "absent.txt"}, r"--eval-dataset '.*absent.txt' is not a file"),
+    ]
+    for extra, message in cases:
+        args = train_args(**{"model": checkpoint, "dataset": text_file, "out": out, "steps": 1} | extra)
+        with pytest.raises(ValueError, match=message):
+            main(args)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("preset", [True, False], ids=["preset", "model"])
+def test_unknown_config_overrides_are_refused_for_a_preset_as_for_a_model(checkpoint, text_file, tmp_path, preset):
+    args = train_args(
+        checkpoint, text_file, tmp_path / "out", steps=1, config_overrides='{"router_aux_loss_coeff": 1}'
+    )
+    if preset:  # a new model, with a tokenizer from the checkpoint
+        args = [*args[2:], "--tokenizer", str(checkpoint)]
+    with pytest.raises(ValueError, match=r"Llama4XTextConfig has no field\(s\) \['router_aux_loss_coeff'\]"):
+        main(args)
+
+
+def test_chat_examples_cut_before_their_answer_are_counted_and_an_empty_split_refused(checkpoint, tmp_path):
+    import datasets
+    from transformers.testing_utils import CaptureLogger
+
+    from llama4x.training import logger
+
+    long_prompt = " ".join(["word"] * 60)
+    rows = [{"prompt": long_prompt if i % 3 else "short", "answer": "yes"} for i in range(12)]
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    data_args = DataArguments(dataset=str(data), block_size=32)
+    table = datasets.Dataset.from_list(rows)
+    with CaptureLogger(logger) as captured:
+        built = build_data("chat", table, None, None, tokenizer, data_args)
+    assert len(built.train) == 4
+    assert "8 of 12 training chat examples dropped: --block-size 32 cuts them" in captured.out
+    long_only = datasets.Dataset.from_list(rows[1:3])
+    with pytest.raises(ValueError, match=r"No eval example is left: --block-size 32 cuts all 2 chat examples"):
+        build_data("chat", table, long_only, None, tokenizer, data_args)

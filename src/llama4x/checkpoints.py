@@ -17,6 +17,8 @@ from transformers.utils import logging
 logger = logging.get_logger(__name__)
 
 PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+HUB_ID = re.compile(r"[\w-][\w.-]*(/[\w-][\w.-]*)?")  # "name" or "owner/name"
 TRAINER_STATE = "trainer_state.json"
 CHECKPOINT_FOLDER = re.compile(rf"{PREFIX_CHECKPOINT_DIR}-(\d+)")  # the Trainer's checkpoint-N
 
@@ -51,6 +53,43 @@ def verify_safetensors_folder(folder: str | Path) -> None:
             raise ValueError(
                 f"Checkpoint file {shard} is truncated or corrupt ({error}); save or copy it again."
             ) from error
+
+
+def check_model_folder(
+    option: str, folder: str | Path, tokenizer: bool = True, adapter_ok: bool = True, config: bool = True
+) -> None:
+    """Raise a `ValueError` naming `option` unless `folder` is a `save_pretrained` folder: with `config`, a model
+    config (or, with `adapter_ok`, a PEFT adapter's); with `tokenizer`, a saved tokenizer or processor."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ValueError(f"{option} {str(folder)!r} is not a directory (expected a save_pretrained folder)")
+    if config:
+        _check_config_files(option, folder, adapter_ok)
+    if tokenizer and not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise ValueError(
+            f"{option} {str(folder)!r} has no tokenizer ({' or '.join(TOKENIZER_FILES)}): save the tokenizer or "
+            f"processor into the model folder"
+        )
+
+
+def _check_config_files(option: str, folder: Path, adapter_ok: bool) -> None:
+    has_config = (folder / "config.json").is_file()
+    is_adapter = not has_config and (folder / "adapter_config.json").is_file()
+    if is_adapter and not adapter_ok:
+        raise ValueError(
+            f"{option} {str(folder)!r} holds a LoRA adapter, not a model: pass the base model its adapter_config.json "
+            "names, or save the merged model (PeftModel.merge_and_unload) and pass that"
+        )
+    if not (has_config or is_adapter):
+        expected = "config.json or adapter_config.json" if adapter_ok else "config.json"
+        raise ValueError(f"{option} {str(folder)!r} has no {expected} (expected a save_pretrained folder)")
+
+
+def check_model_source(option: str, source: str, tokenizer: bool = True, config: bool = True) -> None:
+    """`check_model_folder` (no adapters) for a local folder, or for a name that can only be one: a Hub id is left to
+    transformers."""
+    if Path(source).is_dir() or not HUB_ID.fullmatch(source):
+        check_model_folder(option, source, tokenizer=tokenizer, adapter_ok=False, config=config)
 
 
 def refuse_output_over_input(
@@ -131,6 +170,8 @@ def trainer_checkpoint_problem(folder: str | Path) -> str | None:
     readable state file whose `global_step` is N, next to intact safetensors files, marks a completed save.
     """
     folder = Path(folder)
+    if not folder.is_dir():
+        return "no such folder"
     state = folder / TRAINER_STATE
     if not state.is_file():
         return f"{TRAINER_STATE} is missing (the save was interrupted)"

@@ -28,7 +28,6 @@ if TYPE_CHECKING:
 # numpy's `seed` (reached through transformers' `set_seed`) accepts 0..2**32 - 1 only.
 MAX_SEED = 2**32 - 1
 # A folder written by `save_pretrained` plus the tokenizer's (or processor's) `save_pretrained`.
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
 
 def _finite_float(text: str) -> float:
@@ -51,21 +50,6 @@ def _seed(text: str) -> int:
     if not 0 <= value <= MAX_SEED:
         raise argparse.ArgumentTypeError(f"{text!r} is not a seed: expected an int in 0..{MAX_SEED}")
     return value
-
-
-def _check_model_folder(option: str, folder: Path) -> None:
-    """Raise a `ValueError` naming `option` unless `folder` holds a saved config and a saved tokenizer."""
-    if not folder.is_dir():
-        raise ValueError(f"{option} {str(folder)!r} is not a directory (expected a save_pretrained folder)")
-    if not any((folder / name).is_file() for name in ("config.json", "adapter_config.json")):
-        raise ValueError(
-            f"{option} {str(folder)!r} has no config.json or adapter_config.json (expected a save_pretrained folder)"
-        )
-    if not any((folder / name).is_file() for name in _TOKENIZER_FILES):
-        raise ValueError(
-            f"{option} {str(folder)!r} has no tokenizer ({' or '.join(_TOKENIZER_FILES)}): save the tokenizer or "
-            f"processor into the model folder"
-        )
 
 
 def _one_line(exc: BaseException) -> str:
@@ -120,12 +104,14 @@ def _load_generation_model(model_dir: Path) -> tuple[PreTrainedModel, list[int]]
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
+    from .checkpoints import check_model_folder
+
     if args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens {args.max_new_tokens} must be >= 1")
     if args.temperature < 0:
         raise ValueError(f"--temperature {args.temperature} must be >= 0 (0 = greedy)")
     model_dir = Path(args.model)
-    _check_model_folder("--model", model_dir)
+    check_model_folder("--model", model_dir)
 
     import torch
     from transformers import AutoTokenizer, set_seed
@@ -228,10 +214,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_distill(args: argparse.Namespace) -> int:
+    from .checkpoints import check_model_folder
     from .distillation import run_distill_command
 
     # Checked here, before any work: the library would report a missing folder as an invalid Hub repo id.
-    _check_model_folder("--teacher", Path(args.teacher))
+    check_model_folder("--teacher", args.teacher, adapter_ok=False)
     if not 0 <= args.seed <= MAX_SEED:
         raise ValueError(f"--seed {args.seed} is not a seed: expected an int in 0..{MAX_SEED}")
 

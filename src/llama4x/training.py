@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from transformers import HfArgumentParser, PreTrainedTokenizerBase, Trainer, TrainingArguments, set_seed
 from transformers.utils import logging
 
-from .checkpoints import last_complete_checkpoint, verify_trainer_checkpoint
+from .checkpoints import check_model_source, last_complete_checkpoint, verify_trainer_checkpoint
 from .data import IGNORE_INDEX, pack_token_ids, python_docs_split, python_docs_texts
 from .image_sources import open_image
 from .monitoring import RoutingStatsCallback, find_text_model
@@ -206,20 +206,29 @@ class PaddingCollator:
         }
 
 
-def _load_file(path: str, data_args: DataArguments):
+def _load_file(path: str, data_args: DataArguments, option: str = "--dataset"):
     import datasets
+    from datasets.exceptions import DatasetGenerationError
 
     suffix = Path(path).suffix.lower()
     if suffix not in _FILE_BUILDERS:
-        raise ValueError(
-            f"--dataset {path!r}: expected one of {BUNDLED_DATASETS} or a file ending in {sorted(_FILE_BUILDERS)}."
-        )
+        expected = f"one of {BUNDLED_DATASETS} or " if option == "--dataset" else ""
+        raise ValueError(f"{option} {path!r}: expected {expected}a file ending in {sorted(_FILE_BUILDERS)}.")
     if not Path(path).is_file():
-        raise ValueError(f"--dataset {path!r} is not a file.")
+        raise ValueError(f"{option} {path!r} is not a file.")
+    if Path(path).stat().st_size == 0:
+        raise ValueError(f"{option} {path!r} is empty.")
     kwargs = {}
     if suffix == ".txt":
         kwargs["sample_by"] = data_args.text_sample_by
-    return datasets.load_dataset(_FILE_BUILDERS[suffix], data_files=str(path), split="train", **kwargs)
+    try:
+        rows = datasets.load_dataset(_FILE_BUILDERS[suffix], data_files=str(path), split="train", **kwargs)
+    except DatasetGenerationError as error:  # the cause (a JSON or Arrow error) is chained
+        cause = error.__cause__ or error
+        raise ValueError(f"{option} {path!r} cannot be read as {suffix} data: {cause}") from error
+    if len(rows) == 0:
+        raise ValueError(f"{option} {path!r} holds no examples.")
+    return rows
 
 
 def data_kind(columns: Sequence[str], data_args: DataArguments) -> str:
@@ -307,13 +316,28 @@ def _lm_dataset(texts, tokenizer: PreTrainedTokenizerBase, data_args: DataArgume
     return texts.map(tokenize, batched=True, remove_columns=texts.column_names, desc="tokenizing")
 
 
-def _chat_dataset(rows, tokenizer: PreTrainedTokenizerBase, data_args: DataArguments):
+def _chat_dataset(rows, tokenizer: PreTrainedTokenizerBase, data_args: DataArguments, split: str):
+    """Tokenized chat examples; those that --block-size cuts before any supervised token are dropped, with a warning
+    that counts them, and a `ValueError` if none is left."""
+
     def tokenize(row):
         out = tokenize_chat(tokenizer, conversation(row, data_args), data_args.block_size, data_args.answer_only_loss)
         return {**out, "attention_mask": [1] * len(out["input_ids"])}
 
     tokenized = rows.map(tokenize, remove_columns=rows.column_names, desc="tokenizing")
-    return tokenized.filter(lambda row: any(t != IGNORE_INDEX for t in row["labels"]))  # truncated to no answer
+    kept = tokenized.filter(lambda row: any(t != IGNORE_INDEX for t in row["labels"]))
+    dropped = len(tokenized) - len(kept)
+    if dropped == len(tokenized):
+        raise ValueError(
+            f"No {split} example is left: --block-size {data_args.block_size} cuts all {dropped} chat examples before "
+            "their first supervised token; raise --block-size."
+        )
+    if dropped:
+        logger.warning(
+            f"{dropped} of {len(tokenized)} {split} chat examples dropped: --block-size {data_args.block_size} cuts "
+            "them before their first supervised token."
+        )
+    return kept
 
 
 class ImageTextRecords(torch.utils.data.Dataset):
@@ -373,7 +397,7 @@ def load_raw_data(data_args: DataArguments, seed: int = 0) -> tuple[str, Any, An
     rows = _load_file(data_args.dataset, data_args)
     kind = data_kind(rows.column_names, data_args)
     if data_args.eval_dataset:
-        eval_rows = _load_file(data_args.eval_dataset, data_args)
+        eval_rows = _load_file(data_args.eval_dataset, data_args, option="--eval-dataset")
         train, evaluation = rows, eval_rows
     else:
         train, evaluation = _split(rows, data_args.eval_fraction, seed)
@@ -407,13 +431,14 @@ def build_data(kind: str, train, evaluation, root, processing, data_args: DataAr
     tokenizer = processing
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if kind == "lm":
-        make = lambda rows: _lm_dataset(rows, tokenizer, data_args, data_args.text_column)
+        make = lambda rows, split: _lm_dataset(rows, tokenizer, data_args, data_args.text_column)
     else:
-        make = lambda rows: _chat_dataset(rows, tokenizer, data_args)
-    train = make(train)
+        make = lambda rows, split: _chat_dataset(rows, tokenizer, data_args, split)
+    train = make(train, "training")
     if data_args.max_train_samples is not None:
         train = train.select(range(min(data_args.max_train_samples, len(train))))
-    return TrainData(kind, train, make(evaluation) if evaluation is not None else None, PaddingCollator(pad))
+    evaluation = make(evaluation, "eval") if evaluation is not None else None
+    return TrainData(kind, train, evaluation, PaddingCollator(pad))
 
 
 # ---- model --------------------------------------------------------------------------------------------------------
@@ -446,12 +471,11 @@ def load_processing(model_args: ModelArguments, multimodal: bool):
 
 
 def build_model(model_args: ModelArguments, tokenizer: PreTrainedTokenizerBase, multimodal: bool):
-    """`--model` loaded with its config overridden, or a new `--preset` model sized to the tokenizer."""
+    """`--model` loaded, or a new `--preset` model sized to the tokenizer; either with `--config-overrides`."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
 
     from .configuration_llama4x import Llama4XTextConfig
 
-    overrides = _overrides(model_args)
     kwargs = {}
     if model_args.attn_implementation:
         kwargs["attn_implementation"] = model_args.attn_implementation
@@ -459,17 +483,7 @@ def build_model(model_args: ModelArguments, tokenizer: PreTrainedTokenizerBase, 
         kwargs["experts_implementation"] = model_args.experts_implementation
     auto = AutoModelForImageTextToText if multimodal else AutoModelForCausalLM
     if model_args.model:
-        config = AutoConfig.from_pretrained(model_args.model)
-        text_config = getattr(config, "text_config", config)
-        unknown = [key for key in overrides if not hasattr(text_config, key)]
-        if unknown:
-            raise ValueError(f"--config-overrides: {type(text_config).__name__} has no field(s) {unknown}.")
-        if overrides:  # rebuilt, so that derived fields and validation see the new values
-            text_config = type(text_config).from_dict({**text_config.to_dict(), **overrides})
-            if hasattr(config, "text_config"):
-                config.text_config = text_config
-            else:
-                config = text_config
+        config = _with_overrides(AutoConfig.from_pretrained(model_args.model), _overrides(model_args))
         return auto.from_pretrained(model_args.model, config=config, **kwargs)
     if multimodal:
         raise ValueError("Image-text training needs --model: a multimodal llama4x folder with its processor.")
@@ -479,9 +493,24 @@ def build_model(model_args: ModelArguments, tokenizer: PreTrainedTokenizerBase, 
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
-        **overrides,
     )
-    return auto.from_config(config, **kwargs)
+    return auto.from_config(_with_overrides(config, _overrides(model_args)), **kwargs)
+
+
+def _with_overrides(config, overrides: dict[str, Any]):
+    """`config` with its text config rebuilt from the overridden fields (so that derived fields and validation see
+    the new values); a `ValueError` names the fields it does not have."""
+    text_config = getattr(config, "text_config", config)
+    unknown = [key for key in overrides if not hasattr(text_config, key)]
+    if unknown:
+        raise ValueError(f"--config-overrides: {type(text_config).__name__} has no field(s) {unknown}.")
+    if not overrides:
+        return config
+    text_config = type(text_config).from_dict({**text_config.to_dict(), **overrides})
+    if not hasattr(config, "text_config"):
+        return text_config
+    config.text_config = text_config
+    return config
 
 
 def apply_lora(model, lora_args: LoraArguments):
@@ -718,6 +747,16 @@ def new_tokenizer(kind, train_rows, data_args, model_args, training_args, resume
 # ---- entry point --------------------------------------------------------------------------------------------------
 
 
+def check_sources(model_args: ModelArguments, training_args: Llama4XTrainingArguments) -> None:
+    """Before any work: the local folders named by --model, --tokenizer and --resume-from-checkpoint."""
+    if model_args.model:
+        check_model_source("--model", model_args.model, tokenizer=model_args.tokenizer is None)
+    if model_args.tokenizer:
+        check_model_source("--tokenizer", model_args.tokenizer, config=False)
+    if training_args.resume_from_checkpoint:
+        verify_trainer_checkpoint(training_args.resume_from_checkpoint)
+
+
 def train(
     model_args: ModelArguments,
     data_args: DataArguments,
@@ -735,6 +774,7 @@ def train(
     if not 0 <= training_args.seed < 2**32:
         raise ValueError(f"--seed {training_args.seed} is out of range: expected 0 <= seed < 2**32.")
     set_seed(training_args.seed)
+    check_sources(model_args, training_args)
     output_dir = Path(training_args.output_dir)
     kind, train_rows, eval_rows, root = load_raw_data(data_args, training_args.seed)
     multimodal = kind in ("digits", "image_text")
