@@ -703,7 +703,8 @@ def plot_losses(log_history: list[dict[str, Any]], path: str | Path) -> Path:
     ax.set_ylabel("cross-entropy (nats/token)")
     ax.set_title("llama4x training")
     ax.grid(alpha=0.3)
-    ax.legend()
+    if ax.lines:  # a run shorter than --logging-steps logs no loss
+        ax.legend()
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
