@@ -113,7 +113,8 @@ def test_batches_with_images_per_text_and_padding(processor):
     lengths = out["attention_mask"].sum(-1).tolist()
     unpadded = [processor(text=t, images=i or None)["input_ids"][0] for t, i in zip(texts, per_text)]
     assert lengths == [len(ids) for ids in unpadded]
-    assert out["input_ids"][1, lengths[1] :].eq(processor.tokenizer.pad_token_id).all()  # right padding by default
+    pad = processor.tokenizer.pad_token_id
+    assert out["input_ids"][1, : -lengths[1]].eq(pad).all()  # left padding: llama4x's tokenizers generate batches
 
 
 def test_text_only_and_images_only_calls(processor, tokenizer):
@@ -261,7 +262,11 @@ def test_replacement_offsets_locate_each_expansion(processor):
 def test_any_compatible_tokenizer_json_works(tokenizer, processor, tmp_path):
     tokenizer.save_pretrained(tmp_path)
     loaded = PreTrainedTokenizerFast(
-        tokenizer_file=str(tmp_path / "tokenizer.json"), bos_token=BOS_TOKEN, eos_token=EOS_TOKEN, pad_token=PAD_TOKEN
+        tokenizer_file=str(tmp_path / "tokenizer.json"),
+        bos_token=BOS_TOKEN,
+        eos_token=EOS_TOKEN,
+        pad_token=PAD_TOKEN,
+        padding_side="left",
     )
     other = Llama4XProcessor(processor.image_processor, loaded, patch_size=PATCH, pixel_shuffle_ratio=SHUFFLE)
     kwargs = {"text": ["<|image|> hello", "x"], "images": [image(90, 30)], "padding": True}
