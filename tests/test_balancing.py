@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
-from llama4x.balancing import expert_load, load_balancing_loss, router_z_loss
+from llama4x.balancing import expert_load, load_balancing_loss, router_z_loss, update_balancing_bias
 from llama4x.moe import route
 from llama4x.monitoring import RoutingStatsCallback
 from tiny import random_ids, tiny_model, tiny_text_config
@@ -366,3 +366,19 @@ def test_bias_starts_at_zero_when_switched_on_for_a_checkpoint_without_one(tmp_p
     tiny_model().save_pretrained(tmp_path)
     model = AutoModelForCausalLM.from_pretrained(tmp_path, router_bias_update_rate=0.01)
     assert all(torch.equal(b.e_score_correction_bias, torch.zeros(8)) for b in model.model.moe_blocks)
+
+
+def test_the_balancing_bias_stays_float32_in_half_precision_models():
+    """Steps of a small rate would round away in bfloat16 (0.5 + 1e-3 is 0.5 there)."""
+    config = tiny_text_config(router_bias_update_rate=1e-3)
+    built = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    cast = tiny_model(router_bias_update_rate=1e-3).to(torch.bfloat16)
+    halved = tiny_model(router_bias_update_rate=1e-3).half()
+    for model in (built, cast, halved):
+        assert model.dtype != torch.float32
+        block = model.model.moe_blocks[0]
+        assert block.e_score_correction_bias.dtype == torch.float32
+        block.e_score_correction_bias.fill_(0.5)
+        update_balancing_bias(block.e_score_correction_bias, torch.tensor([0.0] + [10.0] * 7), rate=1e-3)
+        assert block.e_score_correction_bias[0].item() == pytest.approx(0.501, abs=1e-6)
+        assert any(name.endswith("e_score_correction_bias") for name, _ in model.named_buffers())

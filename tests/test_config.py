@@ -48,6 +48,15 @@ INVALID_CASES = [
     ({"use_scalable_softmax": True, "scalable_softmax_init": 0.0}, "scalable_softmax_init"),
     ({"no_rope_layer_interval": -1}, "no_rope_layer_interval"),
     ({"interleave_moe_layer_step": -1}, "interleave_moe_layer_step"),
+    ({"rope_parameters": {"rope_type": "default", "rope_theta": float("nan")}}, "rope_theta"),
+    ({"rope_parameters": {"rope_type": "default", "rope_theta": float("inf")}}, "rope_theta"),
+    ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4}}, "rope_parameters"),  # no factor
+    ({"attn_scale": float("nan")}, "attn_scale"),
+    ({"use_scalable_softmax": True, "scalable_softmax_init": float("nan")}, "scalable_softmax_init"),
+    ({"use_scalable_softmax": True, "scalable_softmax_init": float("inf")}, "scalable_softmax_init"),
+    ({"initializer_range": -1.0}, "initializer_range"),
+    ({"initializer_range": float("nan")}, "initializer_range"),
+    ({"pad_token_id": 97}, "pad_token_id"),  # vocab_size=97
 ]
 
 
@@ -57,6 +66,31 @@ INVALID_CASES = [
 def test_invalid_config_raises_value_error_naming_the_field(overrides, field):
     with pytest.raises(ValueError, match=re.escape(field)):
         tiny_text_config(**overrides)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "field"),
+    [({"n_group": 3}, "n_group"), ({"num_experts_per_tok": 99}, "num_experts_per_tok"),
+     ({"router_score_func": "relu"}, "router_score_func"), ({"num_hidden_layers": 2}, "layer_types"),
+     ({"attention_chunk_size": 0}, "attention_chunk_size")],
+)  # fmt: skip
+def test_overrides_at_load_time_are_validated_like_construction(tmp_path, overrides, field):
+    """transformers sets `from_pretrained(folder, field=value)` overrides after building the config."""
+    tiny_text_config().save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=re.escape(field)):
+        AutoConfig.from_pretrained(tmp_path, **overrides)
+    with pytest.raises(ValueError, match=re.escape(field)):
+        Llama4XTextConfig.from_dict(tiny_text_config().to_dict(), **overrides)
+    assert AutoConfig.from_pretrained(tmp_path, router_aux_loss_coef=0.5).router_aux_loss_coef == 0.5
+
+
+def test_vision_and_composite_overrides_at_load_time_are_validated(tmp_path):
+    config = Llama4XConfig.from_preset("tiny")
+    config.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="image_token_index"):
+        AutoConfig.from_pretrained(tmp_path, image_token_index=10**9)
+    with pytest.raises(ValueError, match="initializer_range"):
+        type(config.vision_config).from_dict(config.vision_config.to_dict(), initializer_range=-1.0)
 
 
 def test_valid_tiny_config_constructs_without_error():

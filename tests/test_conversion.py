@@ -91,6 +91,17 @@ def test_greedy_generation_matches_llama4_token_for_token():
     assert torch.equal(actual, expected)
 
 
+def test_converted_llama4_has_llama4s_loss_without_a_balancing_term():
+    """Llama 4 stores `router_aux_loss_coef` (0.001 by default) but its loss never adds the balancing loss."""
+    reference, model = converted_pair(seed=1)
+    assert reference.config.router_aux_loss_coef > 0 and model.config.router_aux_loss_coef == 0.0
+    input_ids = random_ids(2, 20)
+    for train in (False, True):
+        reference.train(train), model.train(train)
+        expected = reference(input_ids=input_ids, labels=input_ids).loss
+        torch.testing.assert_close(model(input_ids=input_ids, labels=input_ids).loss, expected, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("overrides", CONFIGS.values(), ids=CONFIGS.keys())
 def test_round_trip_llama4x_to_llama4_and_back_is_bit_exact(overrides):
     _, model = converted_pair(**overrides)
@@ -298,8 +309,12 @@ def test_multimodal_round_trip_and_checkpoint_folder_conversion(tmp_path):
     )
 
 
-@pytest.mark.parametrize("field, value", [("norm_eps", 1e-6), ("hidden_act", "gelu_pytorch_tanh")])
+@pytest.mark.parametrize(
+    "field, value",
+    [("norm_eps", 1e-6), ("hidden_act", "gelu_pytorch_tanh"), ("intermediate_size", 64), ("projector_input_dim", 48)],
+)
 def test_vision_settings_llama4_hard_codes_are_refused_naming_the_field(field, value):
+    """The last two: Llama 4 sizes its vision adapter with them (by hidden_size / r**2 and projector_output_dim)."""
     with pytest.raises(ValueError, match=field):
         config_to_llama4(tiny_multimodal_config(vision_overrides={field: value}))
 

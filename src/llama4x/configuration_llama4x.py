@@ -39,6 +39,23 @@ def _check_probability(config: PreTrainedConfig, *fields: str) -> None:
             _fail(field, value, "a probability in [0, 1)")
 
 
+def _check_initializer_range(config: PreTrainedConfig) -> None:
+    if not (math.isfinite(config.initializer_range) and config.initializer_range >= 0):
+        _fail("initializer_range", config.initializer_range, "a finite standard deviation >= 0")
+
+
+class _ValidatedOverrides:
+    """`from_pretrained(folder, field=value)` and `from_dict(d, field=value)` set the fields after the config is
+    built and validated (transformers' way): validate again."""
+
+    @classmethod
+    def from_dict(cls, config_dict: dict[str, Any], **kwargs: Any):
+        result = super().from_dict(config_dict, **kwargs)
+        config = result[0] if isinstance(result, tuple) else result  # (config, unused kwargs) on request
+        config._validate()
+        return result
+
+
 def _check_layer_indices(field: str, indices: list[int], num_layers: int) -> None:
     for index in indices:
         if not 0 <= index < num_layers:
@@ -48,7 +65,7 @@ def _check_layer_indices(field: str, indices: list[int], num_layers: int) -> Non
 
 
 @strict
-class Llama4XTextConfig(PreTrainedConfig):
+class Llama4XTextConfig(_ValidatedOverrides, PreTrainedConfig):
     r"""
     Text decoder of llama4x: an MoE decoder with interleaved RoPE / NoPE attention (iRoPE).
 
@@ -250,8 +267,13 @@ class Llama4XTextConfig(PreTrainedConfig):
             self._validate_balancing()
         if len(self.moe_layers) < self.num_hidden_layers:
             _check_positive(self, "intermediate_size")
-        if self.use_scalable_softmax and self.scalable_softmax_init <= 0:
-            _fail("scalable_softmax_init", self.scalable_softmax_init, "a positive initial scale")
+        if self.use_scalable_softmax:
+            _check_positive(self, "scalable_softmax_init")
+        if not math.isfinite(self.attn_scale):
+            _fail("attn_scale", self.attn_scale, "a finite number")
+        _check_initializer_range(self)
+        if self.pad_token_id is not None and not 0 <= self.pad_token_id < self.vocab_size:
+            _fail("pad_token_id", self.pad_token_id, f"a token id in [0, vocab_size={self.vocab_size}) or None")
 
     def _validate_balancing(self) -> None:
         for field in ("router_aux_loss_coef", "router_z_loss_coef", "router_bias_update_rate"):
@@ -286,8 +308,12 @@ class Llama4XTextConfig(PreTrainedConfig):
         if rope_type != "default" and rope_type not in ROPE_INIT_FUNCTIONS:
             _fail("rope_parameters['rope_type']", rope_type, f"'default' or one of {sorted(ROPE_INIT_FUNCTIONS)}")
         theta = self.rope_parameters.get("rope_theta")
-        if theta is None or theta <= 0:
-            _fail("rope_parameters['rope_theta']", theta, "a positive base")
+        if theta is None or not math.isfinite(theta) or theta <= 0:
+            _fail("rope_parameters['rope_theta']", theta, "a positive finite base")
+        try:
+            self.validate_rope()  # transformers' checks of each RoPE type's keys
+        except KeyError as error:  # which it reports as a KeyError
+            _fail("rope_parameters", self.rope_parameters, f"the keys of rope_type {rope_type!r} ({error.args[0]})")
 
     @property
     def has_router_selection_bias(self) -> bool:
@@ -307,7 +333,7 @@ class Llama4XTextConfig(PreTrainedConfig):
 
 
 @strict
-class Llama4XVisionConfig(PreTrainedConfig):
+class Llama4XVisionConfig(_ValidatedOverrides, PreTrainedConfig):
     r"""
     Vision front-end of llama4x: how an image tile becomes a run of embeddings in the decoder's input sequence.
 
@@ -361,6 +387,7 @@ class Llama4XVisionConfig(PreTrainedConfig):
         _check_positive(self, "image_size", "patch_size", "num_channels")
         if self.image_size % self.patch_size != 0:
             _fail("patch_size", self.patch_size, f"a divisor of image_size={self.image_size}")
+        _check_initializer_range(self)
         if self.fusion == "encoder":
             self._validate_encoder()
 
@@ -433,7 +460,7 @@ class Llama4XVisionConfig(PreTrainedConfig):
 
 
 @strict
-class Llama4XConfig(PreTrainedConfig):
+class Llama4XConfig(_ValidatedOverrides, PreTrainedConfig):
     r"""
     Composite llama4x config: the text decoder (`text_config`), the vision front-end (`vision_config`; defaults to
     Llama 4's vision encoder) and the special tokens of early fusion (Llama 4's names and ids by default):

@@ -37,8 +37,7 @@ SHARED_TEXT_FIELDS = (
     "hidden_act", "max_position_embeddings", "initializer_range", "rms_norm_eps", "use_cache", "pad_token_id",
     "bos_token_id", "eos_token_id", "tie_word_embeddings", "attention_bias", "attention_dropout",
     "num_local_experts", "num_experts_per_tok", "moe_layers", "attention_chunk_size", "layer_types",
-    "attn_temperature_tuning", "floor_scale", "attn_scale", "router_aux_loss_coef", "router_jitter_noise",
-    "output_router_logits",
+    "attn_temperature_tuning", "floor_scale", "attn_scale", "router_jitter_noise", "output_router_logits",
 )  # fmt: skip
 
 # llama4x settings that Llama 4 hard-codes: a config must have these values to be expressible as Llama 4.
@@ -71,6 +70,7 @@ def text_config_from_llama4(config: Llama4TextConfig) -> Llama4XTextConfig:
         rope_parameters=dict(config.rope_parameters),
         use_qk_norm="l2" if config.use_qk_norm else "none",
         nope_layers=[i for i, uses_rope in enumerate(config.no_rope_layers) if not uses_rope],
+        router_aux_loss_coef=0.0,  # Llama 4 stores a coefficient, but its loss has no balancing term
     )
     return Llama4XTextConfig(**fields)
 
@@ -91,6 +91,7 @@ def text_config_to_llama4(config: Llama4XTextConfig) -> Llama4TextConfig:
     fields = {name: getattr(config, name) for name in SHARED_TEXT_FIELDS}
     return Llama4TextConfig(
         **fields,
+        router_aux_loss_coef=config.router_aux_loss_coef,  # stored, unused by Llama 4
         intermediate_size=config.moe_intermediate_size,
         intermediate_size_mlp=config.intermediate_size,
         rope_parameters=dict(config.rope_parameters),
@@ -191,6 +192,17 @@ def vision_config_to_llama4(config: Llama4XVisionConfig) -> Llama4VisionConfig:
     if config.fusion != "encoder":
         raise ValueError(f"Cannot convert to Llama 4: `fusion`={config.fusion!r}, Llama 4 only has 'encoder'.")
     _check_fixed_settings(config, LLAMA4_FIXED_VISION_SETTINGS)
+    # Llama 4 sizes its vision adapter by other fields (see vision.py): they must give the same numbers.
+    adapter_sizes = {
+        "intermediate_size": round(config.hidden_size / config.pixel_shuffle_ratio**2),
+        "projector_input_dim": config.projector_output_dim,
+    }
+    for field, llama4_size in adapter_sizes.items():
+        if getattr(config, field) != llama4_size:
+            raise ValueError(
+                f"Cannot convert to Llama 4: `{field}`={getattr(config, field)}, Llama 4 sizes its vision adapter "
+                f"with it and needs {llama4_size} (hidden_size / pixel_shuffle_ratio**2 and projector_output_dim)."
+            )
     fields = {name: getattr(config, name) for name in SHARED_VISION_FIELDS}
     return Llama4VisionConfig(
         **fields,

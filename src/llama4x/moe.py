@@ -156,10 +156,20 @@ class Llama4XMoE(nn.Module):
         shared_size = config.num_shared_experts * config.moe_intermediate_size
         self.shared_experts = Llama4XMLP(config, shared_size) if shared_size > 0 else None
         if config.has_router_selection_bias:
-            # DeepSeek-V3's name; kept in float32 and saved with the checkpoint.
-            self.register_buffer("e_score_correction_bias", torch.zeros(config.num_local_experts))
+            # DeepSeek-V3's name; saved with the checkpoint, and kept in float32 (`_apply`): its steps of a small
+            # `router_bias_update_rate` would round away in bfloat16.
+            bias_E = torch.zeros(config.num_local_experts, dtype=torch.float32)
+            self.register_buffer("e_score_correction_bias", bias_E)
         else:
             self.e_score_correction_bias = None
+
+    def _apply(self, fn, recurse=True):
+        """`module.to(dtype)`, `.half()`, ... cast the buffers too: the balancing bias goes back to float32."""
+        super()._apply(fn, recurse)
+        bias_E = self.e_score_correction_bias
+        if bias_E is not None and bias_E.dtype != torch.float32:
+            self.e_score_correction_bias = bias_E.float()
+        return self
 
     def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         x_TH = hidden_states.reshape(-1, hidden_states.shape[-1])
