@@ -143,4 +143,3 @@ def test_parity_records_ask_the_parity_question_and_keep_the_image():
     assert [r["answer"] for r in asked] == ["even", "odd", "even"]
     assert all(r["question"] == PARITY_QUESTION and r["image"] == "img" for r in asked)
     assert records[1]["answer"] == "7", "the input records are left unchanged"
-

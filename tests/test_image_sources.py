@@ -97,7 +97,9 @@ def test_bad_sources_raise_errors_that_name_them(tmp_path, served):
         open_image(tmp_path / "absent.png", max_pixels=0)
     with pytest.raises(ValueError, match=r"Image file absent.png does not exist \(nor is it an http\(s\) URL"):
         open_image("absent.png", max_pixels=0)
-    with pytest.raises(ValueError, match=r"Cannot download the image http://127.0.0.1:\d+/absent.png \(HTTP Error 404"):
+    with pytest.raises(
+        ValueError, match=r"Cannot download the image http://127.0.0.1:\d+/absent.png \(HTTP Error 404"
+    ):
         open_image(f"{served}/absent.png", max_pixels=0)
     with pytest.raises(ValueError, match=r"Cannot read 'aGVsbG8=' \(not a file: read as base64 data\) as an image"):
         open_image(base64.b64encode(b"hello").decode(), max_pixels=0)
