@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers.cache_utils import DynamicCache
 
 from tiny import random_ids, tiny_model
@@ -71,6 +72,35 @@ def test_negative_position_ids_on_padding_leave_the_real_tokens_as_alone(overrid
         alone = model(input_ids=input_ids[1:, 5:]).logits
     assert torch.isfinite(batched).all()
     torch.testing.assert_close(batched[1, 5:], alone[0], atol=1e-5, rtol=1e-5)
+
+
+class LargestTensor(TorchDispatchMode):
+    """The most elements any operator output while active."""
+
+    def __init__(self):
+        super().__init__()
+        self.numel = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for tensor in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(tensor, torch.Tensor):
+                self.numel = max(self.numel, tensor.numel())
+        return out
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_static_cache_prefill_builds_no_sequence_by_sequence_mask_for_chunked_layers(padded):
+    """Every layer chunked: a prefill of S tokens needs no (S, S) tensor, with a static cache as with a dynamic one."""
+    model = tiny_model(no_rope_layer_interval=0, num_hidden_layers=2, max_position_embeddings=1024)
+    input_ids = random_ids(1, 512)
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[0, :7] = int(not padded)
+    kwargs = {"max_new_tokens": 2, "do_sample": False, "pad_token_id": 0, "attention_mask": attention_mask}
+    for cache in ("dynamic", "static"):
+        with torch.no_grad(), LargestTensor() as largest:
+            model.generate(input_ids, cache_implementation=cache, **kwargs)
+        assert largest.numel < 512 * 512 // 4, f"{cache} cache: a tensor of {largest.numel} elements"
 
 
 def test_chunked_layers_cache_at_most_one_chunk():

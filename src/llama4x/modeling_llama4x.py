@@ -357,10 +357,14 @@ class Llama4XPreTrainedModel(PreTrainedModel):
         elif isinstance(module, Llama4XAttention) and hasattr(module, "ssmax_scale"):
             init.constant_(module.ssmax_scale, self.config.scalable_softmax_init)
 
-    def create_masks_for_generate(self, config, inputs_embeds, attention_mask, position_ids=None, **kwargs) -> dict:
-        """The per-layer-type masks `generate` prepares for compilable (static) caches. transformers 5.17's generic
-        version passes `block_sequence_ids` to its chunked-mask function, which does not take it."""
+    def create_masks_for_generate(self, config, inputs_embeds, attention_mask, position_ids=None, **kwargs):
+        """The per-layer-type masks `generate` prepares for compilable (static) caches, for the decoding steps. The
+        prefill (an empty cache) gets the 2D mask back: the decoder builds its own masks then, and computes chunked
+        layers blockwise under SDPA instead of through an (S, S) mask. transformers 5.17's generic version passes
+        `block_sequence_ids` to its chunked-mask function, which does not take it."""
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        if cache is not None and cache.get_seq_length() == 0:
+            return attention_mask
         kinds = set(config.layer_types)
         return dense_attention_masks(config, inputs_embeds, attention_mask, cache, position_ids, kinds)
 
