@@ -57,6 +57,15 @@ def test_bench_refuses_unknown_sections_and_devices_before_running_anything(argv
     assert not any(tmp_path.iterdir())  # nothing was benchmarked
 
 
+def test_bench_only_needs_a_section(tmp_path, capsys):
+    """An empty `--only` used to mean "no filter": the whole suite."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", "speed", "--only", "--out", str(tmp_path)])
+    assert exit_info.value.code == 2
+    assert "--only: expected at least one argument" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
+
+
 @pytest.mark.parametrize("argv_prefix", [["--debug"], []])
 def test_debug_flag_reraises_before_or_after_the_subcommand(tmp_path, argv_prefix):
     argv = [*argv_prefix, "generate", "--model", str(tmp_path / "missing"), "--prompt", "x"]

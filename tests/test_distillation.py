@@ -4,6 +4,7 @@ offline `DistillationTrainer` (images included), the offline cache, and the `lla
 
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -152,6 +153,7 @@ def test_full_distribution_losses_refuse_a_truncated_teacher():
     [
         ({"kind": "kl"}, "Invalid distillation loss `kind`='kl'"),
         ({"temperature": 0.0}, "Invalid `temperature`=0.0"),
+        ({"temperature": float("inf")}, "Invalid `temperature`=inf"),
         ({"alpha": 1.5}, "Invalid `alpha`=1.5"),
         ({"kind": "jsd", "beta": 1.0}, "Invalid `beta`=1.0"),
         ({"kind": "topk_kl", "top_k": 0}, "Invalid `top_k`=0"),
@@ -161,6 +163,20 @@ def test_invalid_loss_arguments_raise_value_errors_naming_them(kwargs, message):
     student, teacher, labels, mask = loss_inputs()
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace("[", r"\[")):
         distillation_loss(student, teacher, labels, mask, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"hidden_weight": float("nan")}, "Invalid `hidden_weight`=nan: expected a finite weight >= 0"),
+        ({"cache_batch_size": 0}, "Invalid `cache_batch_size`=0"),
+        ({"cache_batch_size": -1}, "Invalid `cache_batch_size`=-1"),
+        ({"teacher_device": "gpu"}, "--teacher-device 'gpu': expected cpu, cuda or cuda:N"),
+    ],
+)
+def test_invalid_distillation_arguments_are_named(kwargs, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        DistillationArguments(**kwargs)
 
 
 def test_hidden_state_alignment_is_the_masked_mse_with_a_projection_only_when_widths_differ():
@@ -608,6 +624,8 @@ def test_calibration_stops_where_the_rows_run_out_and_a_negative_count_is_refuse
     assert len(collated_batches(rows, default_data_collator, batch_size=2, limit=1)) == 1
     with pytest.raises(ValueError, match="calibration_batches=-1"):
         distill(text_teacher_dir, tmp_path / "out", calibration_batches=-1)
+    with pytest.raises(ValueError, match="block_size=1: expected an integer >= 2"):  # no next token to predict
+        distill(text_teacher_dir, tmp_path / "out", block_size=1)
 
 
 def test_distill_refuses_an_out_folder_that_is_or_holds_the_teacher(text_teacher_dir):

@@ -25,6 +25,7 @@ import argparse
 import copy
 import dataclasses
 import json
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -65,6 +66,7 @@ from .distillation_students import (
     select_layers,
     student_config,
 )
+from .validation import check_device
 
 __all__ = [
     "CACHE_META",
@@ -144,8 +146,12 @@ class DistillationArguments:
 
     def __post_init__(self):
         _check_arguments(self.loss, self.temperature, self.alpha, self.beta, self.top_k)
-        if self.hidden_weight < 0:
-            raise ValueError(f"Invalid `hidden_weight`={self.hidden_weight!r}: expected a weight >= 0.")
+        if not (math.isfinite(self.hidden_weight) and self.hidden_weight >= 0):
+            raise ValueError(f"Invalid `hidden_weight`={self.hidden_weight!r}: expected a finite weight >= 0.")
+        if self.cache_batch_size < 1:
+            raise ValueError(f"Invalid `cache_batch_size`={self.cache_batch_size!r}: expected an integer >= 1.")
+        if self.teacher_device is not None:
+            check_device("--teacher-device", self.teacher_device)
         if self.hidden_layers not in HIDDEN_LAYERS:
             raise ValueError(f"Invalid `hidden_layers`={self.hidden_layers!r}: expected one of {HIDDEN_LAYERS}.")
         if self.cache_dtype not in CACHE_DTYPES:
@@ -447,14 +453,10 @@ def distill(
         raise ValueError(f"Invalid student kind {student_kind!r}: expected one of {STUDENT_KINDS}.")
     if init not in ("teacher", "random"):
         raise ValueError(f"Invalid init {init!r}: expected 'teacher' or 'random'.")
-    for name, value in (
-        ("steps", steps),
-        ("batch_size", batch_size),
-        ("block_size", block_size),
-        ("eval_size", eval_size),
-    ):
-        if value < 1:
-            raise ValueError(f"Invalid {name}={value!r}: expected an integer >= 1.")
+    for name, value, least in (("steps", steps, 1), ("batch_size", batch_size, 1), ("block_size", block_size, 2),
+                               ("eval_size", eval_size, 1)):  # fmt: skip
+        if value < least:  # a block of one token has no next token to predict
+            raise ValueError(f"Invalid {name}={value!r}: expected an integer >= {least}.")
     if calibration_batches < 0:
         raise ValueError(f"Invalid calibration_batches={calibration_batches!r}: expected an integer >= 0.")
     start = time.perf_counter()

@@ -97,8 +97,8 @@ def topk_kl(topk_values: torch.Tensor, topk_indices: torch.Tensor, student_logpr
 def _check_arguments(kind: str, temperature: float, alpha: float, beta: float, top_k: int | None) -> None:
     if kind not in LOSS_KINDS:
         raise ValueError(f"Invalid distillation loss `kind`={kind!r}: expected one of {LOSS_KINDS}.")
-    if not temperature > 0:
-        raise ValueError(f"Invalid `temperature`={temperature!r}: expected a positive number.")
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"Invalid `temperature`={temperature!r}: expected a positive finite number.")
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"Invalid `alpha`={alpha!r}: expected a weight in [0, 1] (1: distillation only).")
     if kind == "jsd" and not 0.0 < beta < 1.0:

@@ -1,4 +1,4 @@
-"""Checks of user inputs to the decoder, with errors that name the problem.
+"""Checks of user inputs to the decoder (and of device names), with errors that name the problem.
 
 Value checks (token-id range, finite embeddings, largest position id) read the tensors back, so they run on
 whole-sequence calls (training, prefill) only: a decoding step feeds the model's own argmax/sampled ids, which are in
@@ -79,3 +79,19 @@ def check_input_ids(config: Llama4XTextConfig, input_ids: torch.Tensor) -> None:
         if low < 0 or high >= config.vocab_size:
             bad = low if low < 0 else high
             raise ValueError(f"`input_ids` holds token id {bad}, outside [0, vocab_size={config.vocab_size}).")
+
+
+def check_device(option: str, name: str) -> torch.device:
+    """`name` as a `torch.device`: cpu, or cuda / cuda:N where this machine has that CUDA device; a `ValueError`
+    naming `option` otherwise."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise ValueError(f"{option} {name!r}: expected cpu, cuda or cuda:N.")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"{option} {name}: no CUDA device is available.")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"{option} {name}: this machine has {torch.cuda.device_count()} CUDA device(s).")
+    return device

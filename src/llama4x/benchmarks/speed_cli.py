@@ -37,17 +37,9 @@ def _shapes(args: argparse.Namespace) -> speed.Shapes:
 
 def _device(name: str):
     """`--device`: cpu, or cuda (cuda:N) when a CUDA device is available."""
-    import torch
+    from ..validation import check_device
 
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        device = None
-    if device is None or device.type not in ("cpu", "cuda"):
-        raise ValueError(f"--device {name!r}: expected cpu, cuda or cuda:N.")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: no CUDA device is available.")
-    return device
+    return check_device("--device", name)
 
 
 def _device_and_dtype(args: argparse.Namespace):
@@ -187,7 +179,7 @@ def add_speed_commands(subparsers, parents: list[argparse.ArgumentParser]) -> No
     suite.add_argument("--device", default="cpu", help="cpu or cuda (default: %(default)s)")
     suite.add_argument("--out", default="benchmarks/results", help="folder for speed_<device>.json")
     suite.add_argument("--quick", action="store_true", help="fewer repeats and lengths")
-    suite.add_argument("--only", nargs="*", help="run only these sections (e.g. train decode_bs1)")
+    suite.add_argument("--only", nargs="+", help="run only these sections (e.g. train decode_bs1)")
     suite.set_defaults(func=run_speed_suite)
 
 
