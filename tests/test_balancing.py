@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
-from llama4x.balancing import expert_load, load_balancing_loss, router_z_loss, update_balancing_bias
+from llama4x.balancing import expert_load, load_balancing_loss, load_entropy, router_z_loss, update_balancing_bias
 from llama4x.moe import route
 from llama4x.monitoring import RoutingStatsCallback
 from tiny import random_ids, tiny_model, tiny_text_config
@@ -382,3 +382,9 @@ def test_the_balancing_bias_stays_float32_in_half_precision_models():
         update_balancing_bias(block.e_score_correction_bias, torch.tensor([0.0] + [10.0] * 7), rate=1e-3)
         assert block.e_score_correction_bias[0].item() == pytest.approx(0.501, abs=1e-6)
         assert any(name.endswith("e_score_correction_bias") for name, _ in model.named_buffers())
+
+
+def test_load_entropy_is_one_for_uniform_loads_and_for_a_single_expert():
+    loads = torch.tensor([[5, 5, 5, 5], [20, 0, 0, 0], [0, 0, 0, 0]])
+    torch.testing.assert_close(load_entropy(loads), torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64))
+    assert load_entropy(torch.tensor([[7], [0]])).tolist() == [1.0, 1.0]

@@ -96,11 +96,15 @@ def max_violation(load_LE: torch.Tensor) -> torch.Tensor:
 
 
 def load_entropy(load_LE: torch.Tensor) -> torch.Tensor:
-    """Entropy of the distribution of tokens over experts per layer, divided by `log(E)` (1 = uniform)."""
+    """Entropy of the distribution of tokens over experts per layer, divided by `log(E)` (1 = uniform; a single
+    expert is uniform)."""
     load_LE = load_LE.double()
+    num_experts = load_LE.shape[-1]
+    if num_experts == 1:
+        return load_LE.new_ones(load_LE.shape[:-1])
     p = load_LE / load_LE.sum(dim=-1, keepdim=True).clamp_min(1)
     entropy = -(p * torch.log(p.clamp_min(1e-300))).sum(dim=-1)
-    return entropy / math.log(load_LE.shape[-1])
+    return entropy / math.log(num_experts)
 
 
 def routing_stats(load_LE: torch.Tensor) -> dict[str, torch.Tensor]:
