@@ -50,6 +50,23 @@ def test_lm_loss_is_the_token_weighted_float64_cross_entropy_without_balancing_l
     assert trained_loss > single + 1e-3, "outputs.loss adds the balancing losses; the evaluation leaves them out"
 
 
+def test_lm_loss_of_a_left_padded_batch_is_the_loss_of_its_rows_alone():
+    """Left padding is what llama4x's tokenizers do by default; the model alone counts the padding as positions."""
+    model = tiny_model()
+    randomize_to_unit_scale(model, 3)
+    rows = [random_ids(1, 20, seed=5)[0], random_ids(1, 9, seed=6)[0]]  # 20 and 9 tokens: across chunks of 8
+    input_ids = torch.zeros(2, 20, dtype=torch.long)
+    attention_mask = torch.zeros(2, 20, dtype=torch.long)
+    for i, row in enumerate(rows):
+        input_ids[i, -len(row) :], attention_mask[i, -len(row) :] = row, 1
+    labels = input_ids.masked_fill(attention_mask == 0, -100)
+    labels[1, -len(rows[1])] = -100  # the first token has no prediction alone (in the batch, padding predicts it)
+    batched = evaluate_lm_loss(model, [{"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}])
+    alone = [evaluate_lm_loss(model, [{"input_ids": row[None], "labels": row[None]}]) for row in rows]
+    expected = (alone[0] * 19 + alone[1] * 8) / 27  # token-weighted: 19 and 8 predicted tokens
+    assert batched == pytest.approx(expected, rel=1e-6)
+
+
 def test_exact_match_counts_equal_answers_and_refuses_a_length_mismatch():
     records = [{"answer": "7"}, {"answer": "even"}, {"answer": "3"}]
     assert exact_match(["7", "odd", "3"], records) == pytest.approx(2 / 3)

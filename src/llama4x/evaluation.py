@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from .data import IGNORE_INDEX, DigitsCollator
 from .tokenization import EOT_TOKEN
 
-MODEL_INPUTS = ("input_ids", "attention_mask", "pixel_values")
+MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids", "pixel_values")
 
 
 @contextmanager
@@ -46,11 +46,15 @@ def next_token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[flo
 
 def evaluate_lm_loss(model: torch.nn.Module, batches: Iterable[dict[str, torch.Tensor]]) -> float:
     """Token-weighted mean next-token cross-entropy of `model` on `batches` (dicts with `labels` and the model inputs
-    `input_ids`, optionally `attention_mask` and `pixel_values`; other keys are ignored)."""
+    `input_ids`, optionally `attention_mask`, `position_ids` and `pixel_values`; other keys are ignored). Without
+    `position_ids`, positions count each row's real tokens, so left padding changes no row's loss (a model given
+    none counts the padding)."""
     total, count = 0.0, 0
     with evaluating(model) as device:
         for batch in batches:
             inputs = {key: batch[key].to(device) for key in MODEL_INPUTS if key in batch}
+            if "attention_mask" in inputs and "position_ids" not in inputs:
+                inputs["position_ids"] = (inputs["attention_mask"].long().cumsum(-1) - 1).clamp_min(0)
             batch_total, batch_count = next_token_loss_sum(model(**inputs).logits, batch["labels"])
             total, count = total + batch_total, count + batch_count
     return total / max(count, 1)
