@@ -94,6 +94,36 @@ def test_chat_template_renders_as_llama4s_published_template(tokenizer, messages
     assert ours == llama4
 
 
+@pytest.mark.parametrize("messages", CONVERSATIONS[1:] + [[{"role": "user", "content": "Sum:\n\n"}]])
+def test_a_generation_prompt_is_a_prefix_of_the_tokens_of_the_conversation_it_starts(tokenizer, messages):
+    """What the model sees when asked to answer is what it saw in training on whole conversations: the "\n\n" after
+    the assistant header (or ending a turn) is one piece whatever follows it."""
+
+    def ids(conversation, **kwargs):
+        return tokenizer.apply_chat_template(conversation, return_dict=True, **kwargs)["input_ids"]
+
+    answered = [*messages, {"role": "assistant", "content": "7"}]
+    ends = [end for end, message in enumerate(answered) if message["role"] == "assistant"]
+    for end in ends:
+        prompt = ids(answered[:end], add_generation_prompt=True)
+        assert ids(answered[: end + 1])[: len(prompt)] == prompt
+
+
+@pytest.mark.parametrize(
+    "messages, kwargs, message",
+    [
+        ([{"role": "tool", "content": "42"}], {}, "got tool"),
+        ([{"role": "assistant", "content": "", "tool_calls": [{"type": "function"}]}], {}, "with tool calls"),
+        ([{"role": "user", "content": "hi"}], {"tools": [{"type": "function"}]}, "tools are not supported"),
+    ],
+)
+def test_tool_messages_calls_and_definitions_are_refused_rather_than_dropped(tokenizer, messages, kwargs, message):
+    from jinja2.exceptions import TemplateError
+
+    with pytest.raises(TemplateError, match=message):
+        tokenizer.apply_chat_template(messages, tokenize=False, **kwargs)
+
+
 @pytest.mark.parametrize("vocab_size", [10, len(SPECIAL_TOKENS) + 256, 100.5])
 def test_too_small_vocab_size_is_rejected(vocab_size):
     with pytest.raises(ValueError, match="vocab_size"):

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
 BOS_TOKEN = "<|begin_of_text|>"
@@ -50,6 +50,7 @@ SPECIAL_TOKENS: list[str] = [
 # a leading system message is stripped of surrounding whitespace, as Llama 4's template does;
 # assistant turns (their `<|eot|>` included) are wrapped in `{% generation %}` so that
 # `apply_chat_template(..., return_assistant_tokens_mask=True)` marks exactly the tokens a model should learn to emit.
+# Tools are not supported: tool messages, tool calls and `tools=` raise an error rather than vanish from the text.
 CHAT_TEMPLATE = (
     "{%- macro render(content) -%}"
     "{%- if content is string -%}{{ content }}"
@@ -59,8 +60,13 @@ CHAT_TEMPLATE = (
     "{%- endif -%}"
     "{%- endfor -%}{%- endif -%}"
     "{%- endmacro -%}"
+    "{%- if tools -%}{{- raise_exception('llama4x chat template: tools are not supported') -}}{%- endif -%}"
     "{{- bos_token -}}"
     "{%- for message in messages -%}"
+    "{%- if message['role'] not in ('system', 'user', 'assistant') or message.get('tool_calls') -%}"
+    "{{- raise_exception('llama4x chat template: the roles are system, user and assistant, without tool calls; got '"
+    " + message['role'] + (' with tool calls' if message.get('tool_calls') else '')) -}}"
+    "{%- endif -%}"
     "{{- '<|header_start|>' + message['role'] + '<|header_end|>\n\n' -}}"
     "{%- if message['role'] == 'assistant' -%}"
     "{%- generation -%}{{- render(message['content']) + '<|eot|>' -}}{%- endgeneration -%}"
@@ -69,6 +75,14 @@ CHAT_TEMPLATE = (
     "{%- endif -%}"
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}{{- '<|header_start|>assistant<|header_end|>\n\n' -}}{%- endif -%}"
+)
+
+# Llama 3's pre-tokenization (words, numbers of at most 3 digits, punctuation runs, whitespace): unlike GPT-2's, a
+# run of newlines is one piece whatever follows it, so a chat prompt ending in "<|header_end|>\n\n" is a prefix of
+# the tokens of the conversation that goes on from it (what the assistant-token mask and generation rely on).
+PRE_TOKENIZER_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+    r"|\s+(?!\S)|\s+"
 )
 
 # Byte-level BPE starts from one symbol per byte value.
@@ -119,7 +133,12 @@ def train_tokenizer(
 
     tokenizer = Tokenizer(models.BPE())
     # No normalizer: normalisation (NFC, lowercasing...) would break the exact round trip.
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(PRE_TOKENIZER_PATTERN), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
