@@ -26,7 +26,8 @@ from llama4x import Llama4XForCausalLM, Llama4XForConditionalGeneration, Llama4X
 from llama4x.cli import MAX_SEED, main, make_parser
 from llama4x.data import python_docs_texts
 from llama4x.tokenization import train_tokenizer
-from llama4x.training import DataArguments, LoraArguments, ModelArguments
+from llama4x.training import LoraArguments, ModelArguments
+from llama4x.training_data import DataArguments
 from tiny import tiny_multimodal_config, tiny_text_config
 
 FUZZ_EXAMPLES = 500

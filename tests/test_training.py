@@ -12,7 +12,8 @@ from transformers import AutoTokenizer, TrainerCallback
 from llama4x import Llama4XForCausalLM
 from llama4x.data import IGNORE_INDEX, python_docs_texts
 from llama4x.tokenization import train_tokenizer
-from llama4x.training import DataArguments, build_data, data_kind, main, parse_args, tokenize_chat, train
+from llama4x.training import main, parse_args, train
+from llama4x.training_data import DataArguments, build_data, data_kind, tokenize_chat
 from tiny import tiny_text_config
 
 TOKENIZER_VOCAB = 320
@@ -144,7 +145,7 @@ def test_invalid_data_options_are_refused_naming_the_flag(flag, value):
 def test_pydocs_holds_out_the_bundled_docs_fixed_split_whatever_the_seed(seed):
     """`llama4x train --dataset pydocs` holds out the documents `llama4x distill` and the demo evaluate on."""
     from llama4x.data import python_docs_split
-    from llama4x.training import load_raw_data
+    from llama4x.training_data import load_raw_data
 
     _, train_rows, eval_rows, _ = load_raw_data(DataArguments(dataset="pydocs", eval_fraction=0.1), seed)
     train_docs, eval_docs = python_docs_split(0.1)
@@ -369,7 +370,7 @@ def test_chat_examples_cut_before_their_answer_are_counted_and_an_empty_split_re
     import datasets
     from transformers.testing_utils import CaptureLogger
 
-    from llama4x.training import logger
+    from llama4x.training_data import logger
 
     long_prompt = " ".join(["word"] * 60)
     rows = [{"prompt": long_prompt if i % 3 else "short", "answer": "yes"} for i in range(12)]
