@@ -182,15 +182,21 @@ def test_text_training_logs_lm_aux_and_routing_stats_and_saves_plots(checkpoint,
     assert metrics["eval_perplexity"] == pytest.approx(torch.tensor(metrics["eval_lm_loss"]).exp().item(), rel=1e-4)
 
 
-def test_lora_run_through_the_cli_saves_an_adapter_and_leaves_the_base_frozen(checkpoint, text_file, tmp_path, capsys):
+def test_lora_run_through_the_cli_saves_an_adapter_and_leaves_the_base_frozen(
+    checkpoint, text_file, tmp_path, capsys, monkeypatch
+):
     from peft import PeftModel
 
     from llama4x.cli import main as cli_main
 
     out = tmp_path / "lora"
-    args = train_args(checkpoint, text_file, out, steps=3, eval_fraction=0, gradient_checkpointing="true")
+    monkeypatch.chdir(checkpoint.parent)  # the base model by a relative path
+    args = train_args(Path(checkpoint.name), text_file, out, steps=3, eval_fraction=0, gradient_checkpointing="true")
     assert cli_main(["train", *args, "--lora", "--lora-parts", "attention,routed_experts", "--lora-r", "4"]) == 0
     assert (out / "adapter_config.json").is_file() and not (out / "model.safetensors").exists()
+    base_path = json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert Path(base_path) == checkpoint.resolve(), "stored absolute: the adapter works from any folder"
+    monkeypatch.chdir(tmp_path)
     adapter = load_file(out / "adapter_model.safetensors")
     assert any("experts" in key for key in adapter) and any("q_proj" in key for key in adapter)
     expert_b = [value for key, value in adapter.items() if "experts" in key and "lora_B" in key]

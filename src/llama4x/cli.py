@@ -280,7 +280,7 @@ def make_parser() -> argparse.ArgumentParser:
         "--minutes",
         type=_finite_float,
         default=None,
-        help="fit the training steps to about N minutes on this machine (measured); default: fixed steps, about 10 "
+        help="fit the training steps to about N minutes on this machine (measured); default: fixed steps, about 7 "
         "minutes on 2 CPU cores",
     )
     demo.add_argument("--seed", type=_seed, default=0, help="random seed (default: %(default)s)")

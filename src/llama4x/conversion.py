@@ -293,7 +293,9 @@ def _check_folders(input_dir: Path, output_dir: Path, overwrite: bool) -> dict:
         )
     refuse_output_over_input(output_dir, input_dir, names=("The output folder", "the input folder"))
     if output_dir.exists() and any(output_dir.iterdir()) and not overwrite:
-        raise ValueError(f"The output folder {output_dir} exists and is not empty; pass overwrite=True to replace it.")
+        raise ValueError(
+            f"The output folder {output_dir} exists and is not empty; pass overwrite=True (--overwrite) to replace it."
+        )
     return config
 
 

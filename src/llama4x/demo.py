@@ -900,7 +900,7 @@ def run_demo(
     settings = settings or DemoSettings.create()
     if stop_after is not None and stop_after not in STAGES[:-1]:
         raise ValueError(f"Invalid `stop_after`={stop_after!r}: expected one of {STAGES[:-1]}.")
-    out = Path(out_dir)
+    out = Path(out_dir).resolve()  # absolute: the LoRA adapter names its base model by this path
     out.mkdir(parents=True, exist_ok=True)
     _check_settings(out, settings)
     threads = torch.get_num_threads()

@@ -155,8 +155,10 @@ def build_model(model_args: ModelArguments, tokenizer: PreTrainedTokenizerBase, 
         kwargs["experts_implementation"] = model_args.experts_implementation
     auto = AutoModelForImageTextToText if multimodal else AutoModelForCausalLM
     if model_args.model:
-        config = _with_overrides(AutoConfig.from_pretrained(model_args.model), _overrides(model_args))
-        return auto.from_pretrained(model_args.model, config=config, **kwargs)
+        # A local folder by its absolute path: a LoRA adapter saved from this model names it as its base model.
+        source = str(Path(model_args.model).resolve()) if Path(model_args.model).is_dir() else model_args.model
+        config = _with_overrides(AutoConfig.from_pretrained(source), _overrides(model_args))
+        return auto.from_pretrained(source, config=config, **kwargs)
     if multimodal:
         raise ValueError("Image-text training needs --model: a multimodal llama4x folder with its processor.")
     config = Llama4XTextConfig.from_preset(
