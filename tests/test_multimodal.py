@@ -358,6 +358,15 @@ def test_image_text_to_text_pipeline_answers_a_batch_as_each_prompt_alone(tmp_pa
     assert [answer["generated_text"] for answer in batched] == alone
 
 
+def test_a_vocabulary_shrunk_below_a_special_token_is_not_saved(tmp_path):
+    """The config check that refuses such a folder at load time runs before the save: no unloadable folder."""
+    model = tiny_multimodal_model()
+    model.resize_token_embeddings(IMAGE_ID)
+    with pytest.raises(ValueError, match=rf"Not saved to .*`image_token_index` .*={IMAGE_ID}: expected a token id"):
+        model.save_pretrained(tmp_path / "shrunk")
+    assert not (tmp_path / "shrunk").exists()
+
+
 def test_saved_folder_loads_with_trust_remote_code_without_llama4x(tmp_path):
     model = tiny_multimodal_model()
     input_ids, pixel_values = one_image_prompt(model)

@@ -391,7 +391,14 @@ class Llama4XPreTrainedModel(PreTrainedModel):
 
     def save_pretrained(self, save_directory, is_main_process: bool = True, *args, **kwargs):
         """transformers' `save_pretrained`, staged (`checkpoints.save_staged`): an interrupted save leaves the folder
-        as it was or refusing to load, never mixing new and old weights. (Not staged when pushing to the hub.)"""
+        as it was or refusing to load, never mixing new and old weights. (Not staged when pushing to the hub.) A config
+        that changed since it was built (`resize_token_embeddings` below a special token id) is validated first: no
+        folder is written that would not load."""
+        for config in (self.config, *(getattr(self.config, name) for name in self.config.sub_configs)):
+            try:
+                config._validate()
+            except ValueError as error:
+                raise ValueError(f"Not saved to {save_directory}: {error}") from error
         if not is_main_process or kwargs.get("push_to_hub"):
             return super().save_pretrained(save_directory, is_main_process, *args, **kwargs)
 
